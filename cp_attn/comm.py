@@ -189,3 +189,100 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- expert-parallel dispatch / combine (the deepep MoE backend) ---------------------------------
+
+
+@dataclass
+class DispatchHandle:
+    """What `combine` needs to send results back to the rows they came from."""
+
+    token: torch.Tensor  # [M] local row of every dispatched copy, grouped by destination rank
+    send_splits: list[int]
+    recv_splits: list[int]
+    num_rows: int
+
+
+class AllToAllDispatcher:
+    """DeepEP normal-mode semantics over `all_to_all_single` (gloo and NCCL).
+
+    Experts are owned by ranks in contiguous blocks of E / C. `dispatch` sends every local row once
+    to each rank that owns at least one of its top-k experts, with the top-k ids made local to that
+    rank (-1 = not here) and the matching weights; `combine` sends each rank's (already weighted)
+    results back and sums them per row.
+    """
+
+    def __init__(self, comm: Comm, num_experts: int):
+        if num_experts % comm.size:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {comm.size} ranks")
+        self.comm, self.num_experts = comm, num_experts
+        self.per_rank = num_experts // comm.size
+
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
+        """x [n, hidden], topk_idx [n, k] global ids, topk_weights [n, k] fp32 ->
+        received rows [m, hidden], their local expert ids [m, k] (-1 = other rank), weights [m, k]."""
+        n, C = x.shape[0], self.comm.size
+        owner = topk_idx // self.per_rank                                         # [n, k]
+        in_rank = torch.zeros((n, C), dtype=torch.bool, device=x.device)
+        in_rank.scatter_(1, owner, True)                                           # DeepEP's is_token_in_rank
+        dest, token = in_rank.t().nonzero(as_tuple=True)                           # grouped by rank, rows ascending
+        send_splits = in_rank.sum(0).tolist()
+        local_idx = torch.where(owner[token] == dest[:, None], topk_idx[token] - dest[:, None] * self.per_rank, -1)
+        # ids ride with the weights in one fp32 message (exact for ids < 2^24)
+        meta = torch.cat([local_idx.float(), topk_weights[token].float()], dim=-1)
+        recv_splits = self.comm.exchange_counts(send_splits, device=x.device)
+        x_pending = self.comm.all_to_all_async(x[token], send_splits, recv_splits)
+        recv_meta = self.comm.all_to_all(meta, send_splits, recv_splits)
+        k = topk_idx.shape[1]
+        handle = DispatchHandle(token, send_splits, recv_splits, n)
+        return x_pending.wait(), recv_meta[:, :k].long(), recv_meta[:, k:], handle
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Weighted expert outputs [m, hidden] of the received rows -> [n, hidden] summed per local row."""
+        back = self.comm.all_to_all(y, handle.recv_splits, handle.send_splits)
+        out = torch.zeros((handle.num_rows, y.shape[1]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, handle.token, back.float())
+        return out.to(y.dtype)
+
+
+class DeepEPDispatcher:
+    """The same contract through `deep_ep.Buffer` (normal mode, intranode NVLink). Used when deep_ep
+    is importable and the group runs on NCCL; not exercised by CI (no GPU, no deep_ep there)."""
+
+    def __init__(self, comm: Comm, num_experts: int, hidden_bytes: int, num_nvl_bytes: int = 2**30):
+        import deep_ep  # noqa: F401  (ImportError -> caller falls back)
+
+        if num_experts % comm.size:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {comm.size} ranks")
+        self.comm, self.num_experts = comm, num_experts
+        group = comm.group if comm.group is not None else dist.group.WORLD
+        self.buffer = deep_ep.Buffer(group, max(num_nvl_bytes, hidden_bytes), 0)
+
+    def dispatch(self, x, topk_idx, topk_weights):
+        n_rank, n_rdma, n_expert, in_rank, _ = self.buffer.get_dispatch_layout(topk_idx, self.num_experts)
+        recv_x, recv_idx, recv_w, _, handle, _ = self.buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights.float(), num_tokens_per_rank=n_rank,
+            num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
+        )
+        return recv_x, recv_idx, recv_w, handle
+
+    def combine(self, y, handle):
+        out, _, _ = self.buffer.combine(y, handle)
+        return out
+
+
+def ep_dispatcher(comm: Comm, num_experts: int, hidden: int, impl: str = "auto", device: torch.device | None = None):
+    """'all_to_all', 'deep_ep', or 'auto' (deep_ep when importable on a CUDA/NCCL group)."""
+    if impl not in ("auto", "all_to_all", "deep_ep"):
+        raise ValueError(f"unknown deepep dispatch implementation {impl!r}; expected auto, all_to_all or deep_ep")
+    on_nccl = comm.size > 1 and dist.is_initialized() and dist.get_backend(comm.group) == "nccl"
+    if impl == "deep_ep" or (impl == "auto" and on_nccl):
+        try:
+            return DeepEPDispatcher(comm, num_experts, hidden_bytes=hidden * 2 * 8192)
+        except ImportError:
+            if impl == "deep_ep":
+                raise
+    return AllToAllDispatcher(comm, num_experts)
