@@ -1,0 +1,46 @@
+"""Write a random-init DeepSeek V3.2 checkpoint of any preset in HF format (config.json + safetensors).
+
+    python scripts/make_checkpoint.py --preset tiny --out ckpt/tiny --dtype fp8
+    python scripts/make_checkpoint.py --preset v32 --set num_hidden_layers=4 n_routed_experts=32 --out ckpt/v32-4l
+
+Weights come from cp_attn.checkpoint.RandomSource (seeded per tensor name), so the same preset and
+seed always give the same checkpoint. --dtype fp8 stores the weights DeepSeek ships in FP8 as e4m3
+with 128x128 block scales (`weight_scale_inv`), the rest in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cp_attn.checkpoint import RandomSource, save_checkpoint
+from cp_attn.config import preset
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="model shape: tiny or v32")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp8"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-shard-gb", type=float, default=2.0, help="split into shards of at most this size")
+    args = ap.parse_args(argv)
+    cfg = preset(args.preset, **parse_overrides(args.set))
+    path = save_checkpoint(args.out, RandomSource(cfg, args.seed), dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.preset} ({args.dtype}, seed {args.seed}) to {path}")
+
+
+if __name__ == "__main__":
+    main()
