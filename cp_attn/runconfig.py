@@ -86,6 +86,28 @@ class PrefillConfig:
     """Time every stage on its own (synchronising the GPU around each) and report rank 0's times."""
 
 
+def from_omegaconf(cfg) -> PrefillConfig:
+    """The composed Hydra config (minus its `hydra` node) checked against the dataclasses: unknown
+    keys and wrong types fail here, with OmegaConf's message naming the key."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(PrefillConfig)
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_object(OmegaConf.merge(schema, body))
+
+
+def register_resolvers() -> None:
+    """`${rank_zero_only:x}`: x on rank 0 (or outside torchrun), None elsewhere; Hydra writes its
+    .hydra/ folder from rank 0 only."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(
+        "rank_zero_only", lambda v: v if os.environ.get("RANK", "0") == "0" else None, replace=True
+    )
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -10,30 +10,21 @@ Rank 0 prints one JSON line with the report. gloo on CPU and NCCL on GPU are cho
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cp_attn.comm import destroy_distributed, init_distributed
 from cp_attn.job import run_job
-from cp_attn.runconfig import PrefillConfig
+from cp_attn.runconfig import from_omegaconf, register_resolvers
 
-# Hydra writes its .hydra/ folder from rank 0 only; every rank shares one run dir.
-OmegaConf.register_new_resolver("rank_zero_only", lambda v: v if os.environ.get("RANK", "0") == "0" else None, replace=True)
-
-
-def to_config(cfg: DictConfig) -> PrefillConfig:
-    """Validate the composed YAML against the dataclasses (unknown keys and wrong types fail)."""
-    schema = OmegaConf.structured(PrefillConfig)
-    merged = OmegaConf.merge(schema, OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    return OmegaConf.to_object(merged)
+register_resolvers()  # ${rank_zero_only:...}: every rank shares one run dir, only rank 0 writes .hydra/
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_cfg = to_config(cfg)
+    run_cfg = from_omegaconf(cfg)
     comm = init_distributed(run_cfg.backend, run_cfg.timeout_s)
     try:
         report = run_job(run_cfg, comm)

@@ -1,0 +1,169 @@
+"""CP prefill == single-rank prefill == transformers, under real gloo process groups.
+
+References, for the same HF checkpoint (written by transformers' `DeepseekV32ForCausalLM`, fp32,
+random weights with non-trivial norms and gate bias) and the same token ids:
+  * `cp_attn.reference_logits`: one process, no process group, sparse path;
+  * transformers' `DeepseekV32ForCausalLM` in fp32 (an implementation nobody here wrote).
+Each CP rank loads only the expert weights its MoE backend needs and computes only its own rows;
+after the all-gather every rank holds the logits of every token, and they must match both
+references; the top-k index sets of every token in every layer must equal the single-rank ones
+exactly (ties at the cut go to the lower index in both).
+
+One spawn per CP size runs every (mode, backend) pair and every batch, so the suite stays small.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cp_attn.checkpoint import SafetensorsSource, build_model
+from cp_attn.comm import Comm
+from cp_attn.parallel import cp_prefill, expert_placement
+from tests.hf_reference import hf_logits, make_hf_checkpoint
+from tests.spawn import run_ranks
+
+pytestmark = pytest.mark.multiproc
+
+# fp32 everywhere. CP changes only summation order (row-blocked matmuls, the reduce-scatter or
+# all-to-all combine adding expert parts in another order): ~1e-7 relative per op, a few e-6 on
+# logits of magnitude ~4 after 3 layers. 2e-5 is ~10x what is seen and far below any real bug
+# (a wrong row, key or expert moves logits by >= 1e-2).
+CP_ATOL = 2e-5
+# Against transformers: the same plus its skipped Hadamard rotation and permuted RoPE layout
+# (both exact in real arithmetic): seen ~2e-6.
+HF_ATOL = 5e-5
+
+CP_SIZES = [1, 2, 3, 4]
+MODES = ["in_seq", "round_robin"]
+BACKENDS = ["fused", "deepep"]
+VOCAB = 512  # tests.hf_reference.tiny_hf_config
+
+
+def _batches() -> dict[str, list[list[int]]]:
+    """Named batches: a fixed one with every edge the issue lists, and random ones."""
+    rng = random.Random(1234)
+
+    def seq(n: int) -> list[int]:
+        return [rng.randrange(VOCAB) for _ in range(n)]
+
+    out = {
+        # shorter than cp (2, 3), length 1, longer than index_topk (8): 23 and 40
+        "edges": [seq(n) for n in (23, 1, 3, 40, 2, 11)],
+        "one_long": [seq(57)],
+    }
+    for i in range(2):
+        out[f"random{i}"] = [seq(rng.randint(1, 45)) for _ in range(rng.randint(1, 5))]
+    return out
+
+
+BATCHES = _batches()
+
+
+def _cp_worker(comm: Comm, ckpt: str) -> dict:
+    """On every rank: for each (mode, backend, batch), this rank's view of the gathered results."""
+    source = SafetensorsSource(ckpt)
+    results = {}
+    for backend in BACKENDS:
+        pl = expert_placement(backend, source.config, comm.rank, comm.size)
+        model = build_model(source, expert_ids=pl.expert_ids, expert_shard=pl.expert_shard)
+        held = sorted(model.layers[-1].mlp.expert_ids)
+        for mode in MODES:
+            for name, ids in BATCHES.items():
+                out = cp_prefill(model, comm, ids, mode, backend, record_topk=True)
+                results[mode, backend, name] = {
+                    "logits": out.split(model.logits(out.hidden)),
+                    "topk": out.topk,
+                    "experts_held": held,
+                    "inter_held": model.layers[-1].mlp.shared_experts.gate_proj.weight.shape[0],
+                }
+    return results
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, hf_model = make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), seed=0)
+    return str(path), hf_model
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint):
+    """Single-process results per batch: logits (reference_logits) and top-k (Comm.single())."""
+    import cp_attn
+
+    ckpt, _ = checkpoint
+    model = build_model(SafetensorsSource(ckpt))
+    out = {}
+    for name, ids in BATCHES.items():
+        ref = cp_prefill(model, Comm.single(), ids, "in_seq", "fused", record_topk=True)
+        out[name] = {"logits": cp_attn.reference_logits(ckpt, ids), "topk": ref.topk}
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    _, hf_model = checkpoint
+    return {name: hf_logits(hf_model, ids) for name, ids in BATCHES.items()}
+
+
+_cp_cache: dict[int, list[dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def cp_runs(checkpoint):
+    def get(cp: int) -> list[dict]:
+        if cp not in _cp_cache:
+            _cp_cache[cp] = run_ranks(_cp_worker, cp, checkpoint[0], timeout=300)
+        return _cp_cache[cp]
+
+    return get
+
+
+CASES = [(cp, mode, backend) for cp in CP_SIZES for mode in MODES for backend in BACKENDS]
+IDS = [f"cp{cp}-{mode}-{backend}" for cp, mode, backend in CASES]
+
+
+@pytest.mark.parametrize("cp,mode,backend", CASES, ids=IDS)
+def test_logits_match_single_rank_and_hf(cp_runs, single, hf, cp, mode, backend):
+    for rank, res in enumerate(cp_runs(cp)):
+        for name in BATCHES:
+            got = res[mode, backend, name]["logits"]
+            for b, (g, s, h) in enumerate(zip(got, single[name]["logits"], hf[name])):
+                where = f"rank {rank}, batch {name}, sequence {b}"
+                torch.testing.assert_close(g, s, atol=CP_ATOL, rtol=0, msg=lambda m: f"{where} vs single rank: {m}")
+                torch.testing.assert_close(g, h, atol=HF_ATOL, rtol=0, msg=lambda m: f"{where} vs transformers: {m}")
+
+
+@pytest.mark.parametrize("cp,mode,backend", CASES, ids=IDS)
+def test_topk_equals_single_rank(cp_runs, single, cp, mode, backend):
+    for rank, res in enumerate(cp_runs(cp)):
+        for name in BATCHES:
+            got, ref = res[mode, backend, name]["topk"], single[name]["topk"]
+            assert sorted(got) == sorted(ref), f"layers recorded differ on rank {rank}"
+            for layer in ref:
+                assert torch.equal(got[layer], ref[layer]), f"rank {rank}, batch {name}, layer {layer}: top-k differs"
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4], ids=lambda c: f"cp{c}")
+def test_each_rank_loads_only_its_experts(cp_runs, checkpoint, cp):
+    cfg = SafetensorsSource(checkpoint[0]).config
+    per = cfg.n_routed_experts // cp
+    inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+    for rank, res in enumerate(cp_runs(cp)):
+        deepep = res[MODES[0], "deepep", "edges"]
+        fused = res[MODES[0], "fused", "edges"]
+        assert deepep["experts_held"] == list(range(rank * per, (rank + 1) * per))
+        assert deepep["inter_held"] == inter                      # shared expert whole on every rank
+        assert fused["experts_held"] == list(range(cfg.n_routed_experts))
+        assert fused["inter_held"] == inter // cp + (rank < inter % cp)  # one 1/cp slice of it
+
+
+def test_batches_cover_the_edges():
+    """The fixed batch has what the issue asks for: shorter than cp, length 1, longer than top-k."""
+    lens = [len(s) for s in BATCHES["edges"]]
+    from tests.hf_reference import tiny_hf_config
+
+    topk = tiny_hf_config().index_topk
+    assert 1 in lens and any(1 < n < max(CP_SIZES) for n in lens) and any(n > topk for n in lens)

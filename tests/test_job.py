@@ -1,0 +1,149 @@
+"""The torchrun prefill job: Hydra config <-> dataclasses, input checks on every rank before any
+collective, and the README's main command end to end (real torchrun, gloo, 2 ranks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+
+from cp_attn.comm import Comm
+from cp_attn.job import run_job
+from cp_attn.runconfig import CPSpec, InputSpec, ModelSpec, MoESpec, OutputSpec, PrefillConfig, from_omegaconf
+from tests.spawn import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# The job's own check: CP vs single process, fp32 on CPU (see test_cp_prefill.CP_ATOL).
+CP_ATOL = 2e-5
+
+GROUPS = {"model": ModelSpec, "cp": CPSpec, "moe": MoESpec}
+
+
+def _compose(overrides: list[str]) -> PrefillConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return from_omegaconf(compose("config", overrides=overrides))
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_defaults_compose_to_dataclass_defaults():
+    assert _compose([]) == PrefillConfig()
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_group_yaml_mirrors_its_dataclass(group):
+    for path in sorted((CONF / group).glob("*.yaml")):
+        keys = set(yaml.safe_load(path.read_text()))
+        assert keys == _fields(GROUPS[group]), f"{path.name}: {keys ^ _fields(GROUPS[group])}"
+
+
+def test_top_level_yaml_mirrors_dataclass():
+    keys = set(yaml.safe_load((CONF / "config.yaml").read_text())) - {"defaults", "hydra"}
+    assert keys | set(GROUPS) == _fields(PrefillConfig)
+    for name, cls in (("input", InputSpec), ("output", OutputSpec)):
+        assert set(yaml.safe_load((CONF / "config.yaml").read_text())[name]) == _fields(cls)
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = _compose(["cp=round_robin", "moe=deepep", "input.lengths=[3,2]", "check=true", "model=v32_slim",
+                    "++model.overrides.num_hidden_layers=2"])
+    assert (cfg.cp.mode, cfg.moe.backend, cfg.input.lengths, cfg.check) == ("round_robin", "deepep", [3, 2], True)
+    assert cfg.model.preset == "v32" and cfg.model.overrides == {"num_hidden_layers": 2, "n_routed_experts": 32}
+
+
+@pytest.mark.parametrize("override", ["model.dtpye=bf16", "check=maybe", "input.lengths=7"])
+def test_unknown_or_mistyped_keys_fail(override):
+    with pytest.raises(Exception, match=override.split("=")[0].split(".")[-1]):
+        _compose([override])
+
+
+# ---- bad input: every rank refuses before the first collective ---------------------------------------
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (overrides, text the error must contain). Run on 3 ranks."""
+    (tmp / "oov.json").write_text(json.dumps({"input_ids": [[1, 2, 3], [4, 999999]]}))
+    (tmp / "broken.json").write_text('{"input_ids": [[1, 2')
+    (tmp / "nokey.json").write_text(json.dumps({"tokens": [[1, 2]]}))
+    (tmp / "empty_seq.json").write_text(json.dumps({"input_ids": [[1, 2], []]}))
+    return {
+        "world_size": (["cp.size=2"], "cp.size=2"),
+        "mode": (["cp.mode=ring"], "'ring'"),
+        "backend": (["moe.backend=alltoall"], "'alltoall'"),
+        "deepep_experts": (["moe=deepep", "++model.overrides.n_routed_experts=8", "++model.overrides.n_group=4"],
+                           "n_routed_experts (8)"),
+        "token_id": ([f"input.file={tmp / 'oov.json'}"], "token id 999999"),
+        "too_long": (["input.lengths=[5,600]"], "600 tokens"),
+        "broken_json": ([f"input.file={tmp / 'broken.json'}"], "not valid JSON"),
+        "no_input_ids": ([f"input.file={tmp / 'nokey.json'}"], "input_ids"),
+        "empty_sequence": ([f"input.file={tmp / 'empty_seq.json'}"], "input_ids[1] is empty"),
+        "kernels": (["kernels=cutlass"], "'cutlass'"),
+        "empty_lengths": (["input.lengths=[]"], "empty"),
+    }
+
+
+def _bad_input_worker(comm: Comm, cases: dict[str, PrefillConfig]) -> dict[str, str]:
+    torch.set_num_threads(1)
+    errors = {}
+    for name, cfg in cases.items():
+        try:
+            run_job(cfg, comm)
+        except ValueError as e:
+            errors[name] = str(e)
+        else:
+            errors[name] = "<no error>"
+    comm.barrier()  # every rank got here: no rank is stuck in a collective
+    return errors
+
+
+def test_bad_input_fails_on_every_rank_before_any_collective(tmp_path):
+    cases = _bad_cases(tmp_path)
+    cfgs = {name: _compose(overrides) for name, (overrides, _) in cases.items()}
+    results = run_ranks(_bad_input_worker, 3, cfgs, timeout=120)
+    for rank, errors in enumerate(results):
+        for name, (_, needle) in cases.items():
+            assert needle in errors[name], f"rank {rank}, case {name}: {errors[name]!r} lacks {needle!r}"
+
+
+# ---- the README's main command ----------------------------------------------------------------------
+
+
+def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "scripts/prefill.py",
+           f"hydra.run.dir={tmp / 'run'}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.multiproc
+def test_readme_main_job_runs_and_matches_single_process(tmp_path):
+    out = tmp_path / "logits.pt"
+    proc = _torchrun(["check=true", f"output.logits={out}", "cp=round_robin"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1, proc.stdout  # rank 0 alone prints
+    r = reports[0]
+    assert (r["cp_size"], r["mode"], r["moe_backend"], r["tokens"]) == (2, "round_robin", "fused", sum(InputSpec().lengths))
+    assert r["seconds"] > 0 and r["max_abs_diff"] is not None and r["max_abs_diff"] < CP_ATOL
+    logits = torch.load(out)["logits"]
+    assert [tuple(x.shape) for x in logits] == [(n, 512) for n in InputSpec().lengths]
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in logits)
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.multiproc
+def test_job_with_bad_mode_exits_nonzero_naming_it(tmp_path):
+    proc = _torchrun(["cp.mode=ring"], tmp_path)
+    assert proc.returncode != 0
+    assert "unknown CP split mode 'ring'" in proc.stdout + proc.stderr
