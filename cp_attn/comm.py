@@ -77,8 +77,13 @@ class Comm:
 
     # ---- pure indexing (no traffic) -------------------------------------------------------------
 
+    def _check_plan(self, plan: SplitPlan) -> None:
+        if plan.cp_size != self.size:
+            raise ValueError(f"the split plan is for {plan.cp_size} ranks but this CP group has {self.size}")
+
     def shard(self, x_full: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
         """This rank's rows of a tensor in global token order [T, ...] -> [n_r, ...]; pads are 0."""
+        self._check_plan(plan)
         tok = plan.token_index(self.rank).to(x_full.device)
         rows = x_full[tok.clamp(min=0)]
         pad = (tok < 0).view(-1, *([1] * (x_full.dim() - 1)))
@@ -105,6 +110,7 @@ class Comm:
 
     def gather_async(self, x_local: torch.Tensor, plan: SplitPlan) -> Pending:
         """All-gather + rerange: this rank's rows [n_r, ...] -> the whole batch [T, ...] in global order."""
+        self._check_plan(plan)
         if x_local.shape[0] != plan.num_rows(self.rank):
             raise ValueError(f"rank {self.rank} holds {x_local.shape[0]} rows, the plan gives it {plan.num_rows(self.rank)}")
         pending = self.all_gather_async(x_local, plan.shard_size)
@@ -128,10 +134,14 @@ class Comm:
     def reduce_scatter(self, x_full: torch.Tensor) -> torch.Tensor:
         return self.reduce_scatter_async(x_full).wait()
 
-    def exchange_counts(self, send_counts: Sequence[int], device: torch.device | str = "cpu") -> list[int]:
-        """All-to-all of one int per peer: how many rows each rank will receive from each other."""
+    def exchange_counts(self, send_counts: Sequence[int], device: torch.device | str | None = None) -> list[int]:
+        """All-to-all of one int per peer: how many rows each rank will receive from each other.
+        `device` defaults to the current CUDA device on NCCL groups and the CPU otherwise."""
         if len(send_counts) != self.size:
             raise ValueError(f"need one count per rank ({self.size}), got {len(send_counts)}")
+        if device is None:
+            nccl = not self._local and dist.get_backend(self.group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
         send = torch.tensor(list(send_counts), dtype=torch.long, device=device)
         if self._local:
             return send.tolist()

@@ -174,11 +174,11 @@ class ModelConfig:
             params = dict(params)
             if "rope_theta" in params:
                 kw["rope_theta"] = params.pop("rope_theta")
-            kind = params.get("rope_type", params.get("type", "default"))
+            kind = params.pop("rope_type", params.pop("type", "default"))  # one key, "type", either way
             kw["rope_scaling"] = None if kind == "default" else {**params, "type": kind}
         elif "rope_scaling" in hf and hf["rope_scaling"] is not None:
             rs = dict(hf["rope_scaling"])
-            kind = rs.get("rope_type", rs.get("type", "default"))
+            kind = rs.pop("rope_type", rs.pop("type", "default"))
             kw["rope_scaling"] = None if kind == "default" else {**rs, "type": kind}
         elif "rope_scaling" in hf:
             kw["rope_scaling"] = None
