@@ -15,6 +15,7 @@ from cp_attn.comm import Comm
 from cp_attn.inputs import load_prompts, random_prompts
 from cp_attn.layout import canonical_mode
 from cp_attn.checkpoint import build_model
+from cp_attn.flops import prefill_flops
 from cp_attn.ops.kernels import get_kernels
 from cp_attn.parallel import check_prefill_args, cp_prefill, expert_placement
 from cp_attn.reference import run_single
@@ -73,6 +74,9 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "tokens": out.plan.num_tokens,
         "seconds": round(seconds, 6),
         "tokens_per_s": round(out.plan.num_tokens / seconds, 1),
+        # useful work of the whole group over wall time, and per rank
+        "tflops": round(prefill_flops(model_cfg, out.plan.seq_lens)["total"] / seconds / 1e12, 3),
+        "tflops_per_rank": round(prefill_flops(model_cfg, out.plan.seq_lens)["total"] / seconds / 1e12 / comm.size, 3),
         "max_abs_diff": None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

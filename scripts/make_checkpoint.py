@@ -11,19 +11,27 @@ with 128x128 block scales (`weight_scale_inv`), the rest in bf16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from cp_attn.checkpoint import RandomSource, save_checkpoint
-from cp_attn.config import preset
+from cp_attn.config import ModelConfig, preset
 
 
 def parse_overrides(items: list[str]) -> dict:
+    """FIELD=VALUE pairs; VALUE is read as JSON (numbers, true, null, lists) or else kept as a string."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
-        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+        if key not in fields:
+            raise SystemExit(f"--set {key}: not a ModelConfig field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
     return out
 
 

@@ -46,7 +46,7 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)  # the parent never sees a half-written file
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, backend: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -55,8 +55,10 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable
     torch.set_num_threads(1)
     out = Path(out_dir)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -93,13 +95,13 @@ def _spawn_env() -> dict[str, str]:
     return env
 
 
-def _run_once(fn: Callable, world_size: int, args: tuple, timeout: float) -> list[Any]:
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout: float, backend: str) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="run_ranks_") as out_dir:
         out = Path(out_dir)
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, port, out_dir, fn, args), name=f"rank{r}")
+            ctx.Process(target=_rank_main, args=(r, world_size, port, out_dir, fn, args, backend), name=f"rank{r}")
             for r in range(world_size)
         ]
         # Children inherit the environment and sys.path at start(): set both for the start only.
@@ -160,7 +162,7 @@ def _run_once(fn: Callable, world_size: int, args: tuple, timeout: float) -> lis
         return [pickle.loads((out / f"{r}.pkl").read_bytes()) for r in range(world_size)]
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo") -> list[Any]:
     """`fn(comm, *args)` on `world_size` gloo ranks; returns [rank 0's result, rank 1's, ...].
 
     Raises RankError with the failing rank's traceback if any rank raises or dies, and TimeoutError
@@ -170,7 +172,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0)
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     for attempt in range(3):
         try:
-            return _run_once(fn, world_size, args, timeout)
+            return _run_once(fn, world_size, args, timeout, backend)
         except RankError as e:
             # The free port can be taken between finding it and rank 0 binding it: retry on a new one.
             port_taken = "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()

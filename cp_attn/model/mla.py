@@ -19,6 +19,7 @@ import functools
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from cp_attn.config import ModelConfig
@@ -69,7 +70,8 @@ class Indexer(nn.Module):
 
     def queries(self, c_q: torch.Tensor, rope: Rope) -> torch.Tensor:
         """[n, q_lora] -> index queries [n, Hi, Di]."""
-        return self._rope_and_rotate(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), rope)
+        q = rearrange(self.wq_b(c_q), "n (h d) -> n h d", h=self.n_heads)
+        return self._rope_and_rotate(q, rope)
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 [n, Hi]: weights_proj(x) * Hi^-0.5 * Di^-0.5 (all constants folded in)."""
@@ -120,13 +122,13 @@ class MLA(nn.Module):
         return torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, *rope)], dim=-1)
 
     def _q_heads(self, c_q: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.q_b_proj(c_q).unflatten(-1, (self.n_heads, self.nope + self.rope_dim))
+        q = rearrange(self.q_b_proj(c_q), "n (h d) -> n h d", h=self.n_heads)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         return q_nope, apply_rope_interleaved(q_pe, *rope)
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora]."""
-        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope + self.v_dim))
+        w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
         return w.split([self.nope, self.v_dim], dim=1)
 
     def absorbed_q(self, c_q: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -140,7 +142,7 @@ class MLA(nn.Module):
         """Output latent [n, H, kv_lora] -> W_UV per head -> o_proj -> [n, hidden]."""
         _, w_uv = self._w_kv_b()
         o = torch.einsum("nhc,hvc->nhv", o_latent, w_uv)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(rearrange(o, "n h v -> n (h v)"))
 
     # ---- naive form (oracle) ---------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class MLA(nn.Module):
         """Decompressed per-head k/v over all T gathered tokens, masked: -> [n, hidden]."""
         q_nope, q_pe = self._q_heads(c_q, rope)
         c_kv, k_pe = latent.split([self.kv_lora, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope + self.v_dim))
+        kv = rearrange(self.kv_b_proj(c_kv), "t (h d) -> t h d", h=self.n_heads)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
