@@ -82,6 +82,8 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "kernels": kernels.name,
     }
+    if device.type == "cuda":
+        report["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if timer is not None:
         report["stages_s"] = {k: round(v, 6) for k, v in timer.summary().items()}
     if comm.rank == 0 and (cfg.check or cfg.output.logits):
