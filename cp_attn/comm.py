@@ -259,17 +259,22 @@ class AllToAllDispatcher:
 
 
 class DeepEPDispatcher:
-    """The same contract through `deep_ep.Buffer` (normal mode, intranode NVLink). Used when deep_ep
-    is importable and the group runs on NCCL; not exercised by CI (no GPU, no deep_ep there)."""
+    """The same contract through `deep_ep.Buffer` (normal mode, intranode NVLink), used when deep_ep is
+    importable and the group runs on NCCL. Buffer sizes follow deep_ep's own dispatch/combine config
+    hints for this group size and row width. Not exercised by CI (no GPU, no deep_ep there)."""
 
-    def __init__(self, comm: Comm, num_experts: int, hidden_bytes: int, num_nvl_bytes: int = 2**30):
-        import deep_ep  # noqa: F401  (ImportError -> caller falls back)
+    def __init__(self, comm: Comm, num_experts: int, hidden_bytes: int):
+        from deep_ep import Buffer  # ImportError -> the caller falls back to AllToAllDispatcher
 
         if num_experts % comm.size:
             raise ValueError(f"{num_experts} experts cannot be split evenly over {comm.size} ranks")
         self.comm, self.num_experts = comm, num_experts
         group = comm.group if comm.group is not None else dist.group.WORLD
-        self.buffer = deep_ep.Buffer(group, max(num_nvl_bytes, hidden_bytes), 0)
+        nvl_bytes = max(
+            cfg.get_nvl_buffer_size_hint(hidden_bytes, comm.size)
+            for cfg in (Buffer.get_dispatch_config(comm.size), Buffer.get_combine_config(comm.size))
+        )
+        self.buffer = Buffer(group, nvl_bytes, 0)
 
     def dispatch(self, x, topk_idx, topk_weights):
         n_rank, n_rdma, n_expert, in_rank, _ = self.buffer.get_dispatch_layout(topk_idx, self.num_experts)
@@ -284,14 +289,17 @@ class DeepEPDispatcher:
         return out
 
 
-def ep_dispatcher(comm: Comm, num_experts: int, hidden: int, impl: str = "auto", device: torch.device | None = None):
-    """'all_to_all', 'deep_ep', or 'auto' (deep_ep when importable on a CUDA/NCCL group)."""
+def ep_dispatcher(comm: Comm, num_experts: int, hidden: int, impl: str = "auto", dtype: torch.dtype = torch.bfloat16):
+    """'all_to_all', 'deep_ep', or 'auto': deep_ep when it is importable, the group runs on NCCL and
+    rows are bf16 (what its normal-mode kernels move); all_to_all_single otherwise."""
     if impl not in ("auto", "all_to_all", "deep_ep"):
         raise ValueError(f"unknown deepep dispatch implementation {impl!r}; expected auto, all_to_all or deep_ep")
     on_nccl = comm.size > 1 and dist.is_initialized() and dist.get_backend(comm.group) == "nccl"
-    if impl == "deep_ep" or (impl == "auto" and on_nccl):
+    if impl == "deep_ep" and dtype != torch.bfloat16:
+        raise ValueError(f"moe.deepep_impl=deep_ep moves bf16 rows; this model runs in {dtype}")
+    if impl == "deep_ep" or (impl == "auto" and on_nccl and dtype == torch.bfloat16):
         try:
-            return DeepEPDispatcher(comm, num_experts, hidden_bytes=hidden * 2 * 8192)
+            return DeepEPDispatcher(comm, num_experts, hidden_bytes=hidden * 2)  # bf16 rows
         except ImportError:
             if impl == "deep_ep":
                 raise

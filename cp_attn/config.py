@@ -217,9 +217,16 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _v32_slim() -> ModelConfig:
+    # V3.2's real per-layer dims (every matmul, head and top-k as in the 671B model) with 4 layers,
+    # 3 of them MoE, and 32 experts (8 groups of 4): a single-node GPU benchmark shape.
+    return ModelConfig(num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=32)
+
+
 PRESETS = {
     "tiny": _tiny,
     "v32": ModelConfig,  # the real 671B shape
+    "v32_slim": _v32_slim,
 }
 
 

@@ -58,6 +58,8 @@ def _batches() -> dict[str, list[list[int]]]:
         # Compared with the single-rank run only: ties at the cut are common here (4 index heads),
         # and transformers breaks them arbitrarily while cp_attn takes the lower index.
         "one_long": [seq(57)],
+        # 3 tokens: at cp 4 some ranks hold no row at all (in_seq) or only padding (round_robin).
+        "fewer_tokens_than_cp": [seq(1), seq(2)],
     }
     for i in range(2):
         out[f"random{i}"] = [seq(rng.randint(1, 45)) for _ in range(rng.randint(1, 5))]
@@ -66,6 +68,19 @@ def _batches() -> dict[str, list[list[int]]]:
 
 BATCHES = _batches()
 HF_BATCHES = ("edges",)
+
+# A second shape, seeded random weights (cp_attn.checkpoint.RandomSource), compared with the single
+# rank only: no dense layer, one expert group, other top-k and head counts.
+VARIANT = dict(first_k_dense_replace=0, num_hidden_layers=2, n_group=1, topk_group=1, num_experts_per_tok=2,
+               index_topk=5, index_n_heads=2, num_attention_heads=3, n_shared_experts=2, rope_scaling=None)
+VARIANT_BATCHES = {name: BATCHES[name] for name in ("edges", "random0")}
+
+
+def _variant_source():
+    from cp_attn.checkpoint import RandomSource
+    from cp_attn.config import preset
+
+    return RandomSource(preset("tiny", **VARIANT), seed=11)
 
 
 def _cp_worker(comm: Comm, ckpt: str) -> dict:
@@ -85,6 +100,13 @@ def _cp_worker(comm: Comm, ckpt: str) -> dict:
                     "experts_held": held,
                     "inter_held": model.layers[-1].mlp.shared_experts.gate_proj.weight.shape[0],
                 }
+        variant = _variant_source()
+        pl = expert_placement(backend, variant.config, comm.rank, comm.size)
+        model = build_model(variant, expert_ids=pl.expert_ids, expert_shard=pl.expert_shard)
+        for mode in MODES:
+            for name, ids in VARIANT_BATCHES.items():
+                out = cp_prefill(model, comm, ids, mode, backend, record_topk=True)
+                results["variant", mode, backend, name] = {"logits": out.split(model.logits(out.hidden)), "topk": out.topk}
     return results
 
 
@@ -112,6 +134,16 @@ def single(checkpoint):
 def hf(checkpoint):
     _, hf_model = checkpoint
     return {name: hf_logits(hf_model, ids) for name, ids in BATCHES.items() if name in HF_BATCHES}
+
+
+@pytest.fixture(scope="module")
+def single_variant():
+    model = build_model(_variant_source())
+    out = {}
+    for name, ids in VARIANT_BATCHES.items():
+        ref = cp_prefill(model, Comm.single(), ids, "in_seq", "fused", record_topk=True)
+        out[name] = {"logits": ref.split(model.logits(ref.hidden)), "topk": ref.topk}
+    return out
 
 
 _cp_cache: dict[int, list[dict]] = {}
@@ -153,6 +185,18 @@ def test_topk_equals_single_rank(cp_runs, single, cp, mode, backend):
             assert sorted(got) == sorted(ref), f"layers recorded differ on rank {rank}"
             for layer in ref:
                 assert torch.equal(got[layer], ref[layer]), f"rank {rank}, batch {name}, layer {layer}: top-k differs"
+
+
+@pytest.mark.parametrize("cp,mode,backend", CASES, ids=IDS)
+def test_variant_shape_matches_single_rank(cp_runs, single_variant, cp, mode, backend):
+    for rank, res in enumerate(cp_runs(cp)):
+        for name, ref in single_variant.items():
+            got = res["variant", mode, backend, name]
+            for b, (g, s) in enumerate(zip(got["logits"], ref["logits"])):
+                torch.testing.assert_close(g, s, atol=CP_ATOL, rtol=0,
+                                           msg=lambda m: f"rank {rank}, batch {name}, sequence {b}: {m}")
+            for layer in ref["topk"]:
+                assert torch.equal(got["topk"][layer], ref["topk"][layer]), f"rank {rank}, {name}, layer {layer}"
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4], ids=lambda c: f"cp{c}")

@@ -59,7 +59,7 @@ def test_overrides_reach_the_dataclasses():
     cfg = _compose(["cp=round_robin", "moe=deepep", "input.lengths=[3,2]", "check=true", "model=v32_slim",
                     "++model.overrides.num_hidden_layers=2"])
     assert (cfg.cp.mode, cfg.moe.backend, cfg.input.lengths, cfg.check) == ("round_robin", "deepep", [3, 2], True)
-    assert cfg.model.preset == "v32" and cfg.model.overrides == {"num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 32}
+    assert cfg.model.preset == "v32_slim" and cfg.model.overrides == {"num_hidden_layers": 2}
 
 
 @pytest.mark.parametrize("override", ["model.dtpye=bf16", "check=maybe", "input.lengths=7"])

@@ -71,10 +71,10 @@ class FusedMoE:
 class DeepEPMoE:
     """Dispatch rows to the ranks owning their experts, compute there, combine back."""
 
-    def __init__(self, comm: Comm, cfg: ModelConfig, impl: str = "auto"):
+    def __init__(self, comm: Comm, cfg: ModelConfig, impl: str = "auto", dtype: torch.dtype = torch.bfloat16):
         self.comm = comm
         self.per_rank = cfg.n_routed_experts // comm.size
-        self.dispatcher = ep_dispatcher(comm, cfg.n_routed_experts, cfg.hidden_size, impl)
+        self.dispatcher = ep_dispatcher(comm, cfg.n_routed_experts, cfg.hidden_size, impl, dtype)
 
     def __call__(self, moe: MoE, x: torch.Tensor) -> torch.Tensor:
         idx, w = moe.gate(x)
@@ -85,8 +85,10 @@ class DeepEPMoE:
         return self.dispatcher.combine(y, handle) + moe.shared_experts(x)
 
 
-def make_moe_backend(backend: str, comm: Comm, plan: SplitPlan, cfg: ModelConfig, deepep_impl: str = "auto"):
+def make_moe_backend(backend: str, comm: Comm, plan: SplitPlan, cfg: ModelConfig, deepep_impl: str = "auto",
+                     dtype: torch.dtype = torch.bfloat16):
+    """The MoE runner for a ForwardContext (also at C = 1, where every collective is a local copy)."""
     check_backend(backend, cfg, comm.size)
     if backend == "fused":
         return FusedMoE(comm, plan)
-    return DeepEPMoE(comm, cfg, deepep_impl)
+    return DeepEPMoE(comm, cfg, deepep_impl, dtype)

@@ -83,13 +83,12 @@ def cp_prefill(
 
     captured: dict[int, torch.Tensor] = {}
     ctx = cp_context(
-        plan, comm, make_moe_backend(moe_backend, comm, plan, model.cfg, deepep_impl), device,
+        plan, comm, make_moe_backend(moe_backend, comm, plan, model.cfg, deepep_impl, model.embed_tokens.weight.dtype), device,
         kernels=kernels or KernelSet(), timer=timer, attn_impl=attn_impl,
         on_topk=(lambda layer, idx: captured.__setitem__(layer, idx)) if record_topk else None,
     )
     hidden_local = model(local_ids, ctx)
-    stage = timer.stage("final.gather") if timer else torch.no_grad()
-    with stage:
+    with ctx.stage("final.gather"):
         hidden = comm.gather(hidden_local, plan)
     topk = {layer: comm.gather(idx, plan) for layer, idx in captured.items()}
     return PrefillOutput(hidden, plan, topk)
