@@ -114,7 +114,7 @@ class Comm:
         if x_local.shape[0] != plan.num_rows(self.rank):
             raise ValueError(f"rank {self.rank} holds {x_local.shape[0]} rows, the plan gives it {plan.num_rows(self.rank)}")
         pending = self.all_gather_async(x_local, plan.shard_size)
-        restore = plan.restore_index.to(x_local.device)
+        restore = plan.restore_index_on(x_local.device)
         return Pending(pending.work, lambda: pending.finish()[restore])
 
     def gather(self, x_local: torch.Tensor, plan: SplitPlan) -> torch.Tensor:

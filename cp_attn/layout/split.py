@@ -173,6 +173,14 @@ class SplitPlan:
         restore[flat[real]] = slot[real]
         return restore
 
+    def restore_index_on(self, device: torch.device | str) -> torch.Tensor:
+        """`restore_index` on a device, copied there once per plan (gathers run every layer)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_restore_on", {})
+        if device not in cache:
+            cache[device] = self.restore_index.to(device)
+        return cache[device]
+
     def causal_work(self) -> list[int]:
         """Per rank, the causal attention work sum(position + 1) over its real rows."""
         work = []
