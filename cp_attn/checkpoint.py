@@ -177,13 +177,12 @@ def _slices_of(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def load_weights(model: nn.Module, source: WeightSource, names: Iterable[str] | None = None) -> None:
+def load_weights(model: nn.Module, source: WeightSource) -> None:
     """Fill every parameter and persistent buffer of `model` from `source` (HF names), taking only
     the slice a sharded module holds. Errors name the missing or misshapen tensor."""
     slices = _slices_of(model)
     state = model.state_dict()
-    for name in names if names is not None else state:
-        dst = state[name]
+    for name, dst in state.items():
         src = source.get(hf_name(name))
         if name in slices:
             dim, start, stop = slices[name]

@@ -54,15 +54,12 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class Comm:
     """A CP group: `rank`, `size`, and the collectives the CP forward needs."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, rank: int | None = None, size: int | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, single: bool = False):
+        """`group` (default: the world group when one is initialised); `single=True` forces a
+        one-process group with no process group behind it, even inside a torchrun job."""
         self.group = group
-        if group is None and rank is None:
-            if dist.is_available() and dist.is_initialized():
-                self.rank, self.size = dist.get_rank(), dist.get_world_size()
-            else:
-                self.rank, self.size = 0, 1
-        elif group is None:
-            self.rank, self.size = rank, size if size is not None else 1
+        if single or (group is None and not (dist.is_available() and dist.is_initialized())):
+            self.rank, self.size = 0, 1
         else:
             self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._local = self.size == 1
@@ -70,7 +67,7 @@ class Comm:
     @classmethod
     def single(cls) -> "Comm":
         """A group of one process, no process group: every collective is a local copy."""
-        return cls(None, rank=0, size=1)
+        return cls(single=True)
 
     def __repr__(self) -> str:
         return f"Comm(rank={self.rank}, size={self.size})"

@@ -18,7 +18,8 @@ def layer_flops(cfg: ModelConfig, layer: int, seq_lens: Sequence[int]) -> dict[s
     H, Hi, Di, K = cfg.num_attention_heads, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
     d, ql, kvl = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank
     causal_pairs = sum(L * (L + 1) // 2 for L in seq_lens)                      # sum over tokens of pos + 1
-    attended = sum(sum(min(K, p + 1) for p in range(L)) for L in seq_lens)      # sum of min(K, pos + 1)
+    # sum over tokens of min(K, pos + 1): every causal key up to position K-1, then K each
+    attended = sum(L * (L + 1) // 2 if L <= K else K * (K + 1) // 2 + (L - K) * K for L in seq_lens)
     proj = 2 * T * (d * ql + ql * H * cfg.qk_head_dim + d * cfg.kv_cache_dim      # q_a, q_b, kv_a
                     + H * cfg.qk_nope_head_dim * kvl + H * kvl * cfg.v_head_dim     # W_UK absorb, W_UV
                     + H * cfg.v_head_dim * d)                                       # o_proj

@@ -27,13 +27,26 @@ def validate_batch(input_ids: Sequence[Sequence[int]], cfg: ModelConfig) -> list
             raise ValueError(f"input_ids[{b}] is empty: every sequence needs at least one token")
         if len(seq) > cfg.max_position_embeddings:
             raise ValueError(f"input_ids[{b}] has {len(seq)} tokens, more than max_position_embeddings={cfg.max_position_embeddings}")
-        for i, t in enumerate(seq):
+        ids = _as_id_tensor(seq, b)
+        bad = (ids < 0) | (ids >= cfg.vocab_size)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"token id {int(ids[i])} at input_ids[{b}][{i}] is outside the vocabulary [0, {cfg.vocab_size})")
+        out.append(ids.tolist())
+    return out
+
+
+def _as_id_tensor(seq: Sequence, b: int) -> torch.Tensor:
+    """One sequence as an int64 tensor; the type check is one C-speed pass, not a Python loop."""
+    if set(map(type, seq)) != {int}:
+        for i, t in enumerate(seq):  # slow path, only to name the offending entry
             if isinstance(t, bool) or not isinstance(t, int):
                 raise ValueError(f"input_ids[{b}][{i}] = {t!r} is not an int token id")
-            if not 0 <= t < cfg.vocab_size:
-                raise ValueError(f"token id {t} at input_ids[{b}][{i}] is outside the vocabulary [0, {cfg.vocab_size})")
-        out.append([int(t) for t in seq])
-    return out
+    try:
+        return torch.tensor(seq, dtype=torch.long)
+    except (RuntimeError, OverflowError, ValueError):  # beyond int64: outside any vocabulary
+        i, t = max(enumerate(seq), key=lambda it: abs(it[1]))
+        raise ValueError(f"token id {t} at input_ids[{b}][{i}] is outside the vocabulary") from None
 
 
 def load_prompts(path: str | Path) -> list[list[int]]:

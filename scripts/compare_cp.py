@@ -13,7 +13,6 @@ import json
 import os
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from cp_attn.checkpoint import build_model
