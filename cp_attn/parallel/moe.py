@@ -63,7 +63,9 @@ class FusedMoE:
         n, S = x.shape[0], self.plan.shard_size
         x_all = self.comm.all_gather(x, rows=S)                                  # [C*S, hidden]
         idx, w = moe.gate(x_all)
-        idx = idx.masked_fill(~self.real.to(x.device)[:, None], -1)              # pad rows route nowhere
+        if self.real.device != x.device:
+            self.real = self.real.to(x.device)                                   # once, not per layer
+        idx = idx.masked_fill(~self.real[:, None], -1)                           # pad rows route nowhere
         partial = moe.routed(x_all, idx, w) + moe.shared_experts(x_all)          # this rank's part of the sum
         return self.comm.reduce_scatter(partial)[:n]
 
