@@ -16,7 +16,8 @@ from cp_attn.inputs import load_prompts, random_prompts
 from cp_attn.layout import canonical_mode
 from cp_attn.checkpoint import build_model
 from cp_attn.flops import prefill_flops
-from cp_attn.ops.kernels import get_kernels
+from cp_attn.model.context import check_kv_dtype
+from cp_attn.ops.kernels import check_kernels_device, get_kernels
 from cp_attn.parallel import check_prefill_args, cp_prefill, expert_placement
 from cp_attn.reference import run_single
 from cp_attn.runconfig import PrefillConfig, resolve_device, resolve_dtype, weight_source
@@ -38,8 +39,10 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
     if cfg.cp.size is not None and cfg.cp.size != comm.size:
         raise ValueError(f"cp.size={cfg.cp.size} but the job runs {comm.size} ranks (torchrun --nproc-per-node/--nnodes)")
     mode = canonical_mode(cfg.cp.mode)
-    kernels = get_kernels(cfg.kernels)
+    kernels = get_kernels(cfg.kernels, vars(cfg.kernel_stage))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    check_kernels_device(kernels, device)
+    check_kv_dtype(cfg.kv_dtype)
     dtype = resolve_dtype(cfg.model.dtype, device)
     source = weight_source(cfg.model, device)
     model_cfg = source.config
@@ -51,7 +54,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
 
     def forward(timer=None):
         return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels,
-                          deepep_impl=cfg.moe.deepep_impl, timer=timer)
+                          deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype)
 
     for _ in range(cfg.warmup):
         forward()
@@ -82,6 +85,8 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "kernels": kernels.name,
+        "kernel_stages": dict(kernels.choice),
+        "kv_dtype": cfg.kv_dtype,
     }
     if device.type == "cuda":
         report["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -95,7 +100,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         if cfg.check:
             del model
             full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim)
-            ref = run_single(full, ids, kernels=kernels)
+            ref = run_single(full, ids, kernels=kernels, kv_dtype=cfg.kv_dtype)
             got, want = torch.cat(logits).float(), torch.cat(ref).float()
             report["max_abs_diff"] = float((got - want).abs().max())
             # bf16 runs: a rounding-level change can flip a near-tie in routing or top-k and move a

@@ -64,6 +64,19 @@ class OutputSpec:
 
 
 @dataclass
+class KernelStages:
+    """Per-stage implementation overriding the kernel set's (None: the set's own; see
+    cp_attn.ops.kernels.IMPLS for the names, e.g. sparse_mla=flashmla)."""
+
+    indexer_logits: Optional[str] = None
+    """Indexer logits: torch | triton | deepgemm."""
+    topk_indices: Optional[str] = None
+    """Top-k: torch | triton."""
+    sparse_mla: Optional[str] = None
+    """Sparse MLA: torch | triton | flashmla."""
+
+
+@dataclass
 class PrefillConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     cp: CPSpec = field(default_factory=CPSpec)
@@ -75,7 +88,12 @@ class PrefillConfig:
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'."""
     kernels: str = "torch"
-    """Stage implementations (cp_attn.ops.kernels.KERNEL_SETS)."""
+    """Kernel set for the sparse-attention stages: 'torch' (plain-torch references) or 'triton'."""
+    kernel_stage: KernelStages = field(default_factory=KernelStages)
+    """Per-stage overrides of the kernel set."""
+    kv_dtype: str = "auto"
+    """Gathered KV: 'auto' (the compute dtype), 'bf16', or 'fp8' (FlashMLA's 656-byte latent and a
+    132-byte index key, packed on the owning rank before the gather; FP8 indexer)."""
     backend: str = "auto"
     """Process-group backend: 'auto' (NCCL with CUDA, else gloo), 'gloo', 'nccl'."""
     timeout_s: float = 600.0

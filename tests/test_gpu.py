@@ -126,3 +126,23 @@ def test_nccl_cp_matches_single_gpu(cp):
             torch.testing.assert_close(logits, ref_logits, atol=NCCL_ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
             for layer, idx in ref.topk.items():
                 assert torch.equal(topk[layer], idx.cpu()), f"{where}: layer {layer} top-k differs"
+
+
+def test_cuda_triton_kernels_match_torch_kernels():
+    """kernels=triton against kernels=torch on one GPU, fp32 (IEEE dots): same top-k, close logits;
+    and in bf16 within the bf16 bound, with fp8 KV on both sides too."""
+    from cp_attn.ops.kernels import get_kernels
+
+    cfg = preset("tiny")
+    ids = random_prompts([61, 7, 30, 1], cfg.vocab_size, seed=4)
+    model = build_model(RandomSource(cfg, seed=2), dtype=torch.float32, device="cuda")
+    runs = {name: cp_prefill(model, Comm.single(), ids, "in_seq", "fused", kernels=get_kernels(name), record_topk=True)
+            for name in ("torch", "triton")}
+    for layer, idx in runs["torch"].topk.items():
+        assert torch.equal(idx, runs["triton"].topk[layer]), layer
+    torch.testing.assert_close(runs["triton"].hidden, runs["torch"].hidden, atol=FP32_ATOL, rtol=0)
+    model = model.bfloat16()
+    for kv_dtype in ("auto", "fp8"):
+        ref, got = (model.logits(cp_prefill(model, Comm.single(), ids, "in_seq", "fused", kernels=get_kernels(k),
+                                            kv_dtype=kv_dtype).hidden).float() for k in ("torch", "triton"))
+        assert ((got - ref).norm() / ref.norm()).item() < BF16_REL_L2, kv_dtype

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from cp_attn.model.moe import MoE
 
 ATTN_IMPLS = ("sparse", "dense_mask")
+KV_DTYPES = ("auto", "bf16", "fp8")
+
+
+def check_kv_dtype(kv_dtype: str) -> None:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; expected one of {KV_DTYPES}")
 
 
 @dataclass
@@ -43,6 +49,9 @@ class ForwardContext:
     """Implementations of the sparse-attention stages."""
     attn_impl: str = "sparse"
     """'sparse' (absorbed MLA over top-k rows) or 'dense_mask' (naive MLA + -inf mask oracle)."""
+    kv_dtype: str = "auto"
+    """What the gathered KV holds: 'auto' (the compute dtype), 'bf16' (rounded to bf16), 'fp8' (each
+    rank packs its rows to cp_attn.ops.kv_fp8's layouts, the gather moves the bytes, kernels read FP8)."""
     timer: StageTimer | None = None
     """Accumulates seconds per stage when set."""
     on_topk: Callable[[int, torch.Tensor], None] | None = None
@@ -51,6 +60,7 @@ class ForwardContext:
     def __post_init__(self) -> None:
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attention implementation {self.attn_impl!r}; expected one of {ATTN_IMPLS}")
+        check_kv_dtype(self.kv_dtype)
 
     def stage(self, name: str) -> ContextManager:
         return self.timer.stage(name) if self.timer is not None else nullcontext()

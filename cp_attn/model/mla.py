@@ -27,9 +27,13 @@ from cp_attn.model.context import ForwardContext
 from cp_attn.model.layers import RMSNorm
 from cp_attn.model.rope import apply_rope_half, apply_rope_interleaved
 from cp_attn.ops.fp8 import fake_quant_e4m3_lastdim
+from cp_attn.ops.kv_fp8 import (
+    index_k_fp8_width, pack_index_k, pack_mla_kv, quantize_index_q, unpack_index_k, unpack_mla_kv,
+)
 from cp_attn.ops.oracle import dense_masked_attention, topk_mask
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, rope_dim / 2]
+IndexKeys = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [T, Di], or FP8 (e4m3 [T, Di], scale [T])
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,11 +82,16 @@ class Indexer(nn.Module):
         return self.weights_proj(x).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
 
     def select(
-        self, x: torch.Tensor, c_q: torch.Tensor, rope: Rope, keys: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, c_q: torch.Tensor, rope: Rope, keys: IndexKeys, ctx: ForwardContext
     ) -> torch.Tensor:
-        """Top-k key indices [n, K] into the gathered buffer `keys` [T, Di]; -1 where a row has fewer
-        than K causal keys. Query rows are scored `ctx.kernels.query_chunk` at a time."""
+        """Top-k key indices [n, K] into the gathered buffer `keys` ([T, Di], or FP8 values and
+        per-key scales); -1 where a row has fewer than K causal keys. With FP8 keys the queries are
+        quantised too, one scale per (token, head), folded into the head weights. Query rows are
+        scored `ctx.kernels.query_chunk` at a time."""
         q, w = self.queries(c_q, rope), self.head_weights(x)
+        if isinstance(keys, tuple):
+            q, q_scale = quantize_index_q(q)
+            w = w * q_scale
         kern, out = ctx.kernels, []
         for s in range(0, max(q.shape[0], 1), kern.query_chunk):
             sl = slice(s, s + kern.query_chunk)
@@ -159,6 +168,23 @@ class MLA(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
+    def gather_kv(self, latent: torch.Tensor, index_k: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, IndexKeys]:
+        """This rank's latent [n, kv_lora + rope] and index keys [n, Di] -> every token's, in global
+        order, as ctx.kv_dtype stores them. One collective moves both: [latent | index key] per row,
+        704 values for V3.2; with fp8 each rank packs its own rows first and 656 + 132 = 788 bytes
+        per token travel (1408 in bf16), the latent stays packed for sparse MLA and the index key
+        arrives as e4m3 values and per-key scales."""
+        if ctx.kv_dtype == "fp8":
+            packed = ctx.gather(torch.cat([pack_mla_kv(latent, self.kv_lora), pack_index_k(index_k)], dim=-1))
+            latent_all, index_all = packed.split([packed.shape[-1] - index_k_fp8_width(index_k.shape[-1]),
+                                                  index_k_fp8_width(index_k.shape[-1])], dim=-1)
+            return latent_all, unpack_index_k(index_all)
+        rows = torch.cat([latent, index_k], dim=-1)
+        if ctx.kv_dtype == "bf16":
+            rows = rows.to(torch.bfloat16)
+        both = ctx.gather(rows).to(latent.dtype)
+        return both.split([latent.shape[-1], index_k.shape[-1]], dim=-1)
+
     def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext, layer: int) -> torch.Tensor:
         """x [n, hidden] (normed) -> attention output [n, hidden] for this rank's rows."""
         with ctx.stage("attn.proj"):
@@ -166,15 +192,15 @@ class MLA(nn.Module):
             latent = self.latent(x, rope)
             index_k = self.indexer.keys(x, rope)
         with ctx.stage("attn.gather"):
-            # One collective for both: [latent | index key] per token, all tokens in global order.
-            both = ctx.gather(torch.cat([latent, index_k], dim=-1))
-            latent_all, index_k_all = both.split([latent.shape[-1], index_k.shape[-1]], dim=-1)
+            latent_all, index_k_all = self.gather_kv(latent, index_k, ctx)
         with ctx.stage("attn.indexer"):
             topk = self.indexer.select(x, c_q, rope, index_k_all, ctx)
         if ctx.on_topk is not None:
             ctx.on_topk(layer, topk)
         with ctx.stage("attn.sparse_mla"):
             if ctx.attn_impl == "dense_mask":
+                if latent_all.dtype == torch.uint8:
+                    latent_all = unpack_mla_kv(latent_all, self.kv_lora, x.dtype)
                 return self.naive_attention(c_q, rope, latent_all, topk_mask(topk, ctx.num_tokens))
             q = self.absorbed_q(c_q, rope)
             o_latent, _ = ctx.kernels.sparse_mla(q, latent_all, topk, self.softmax_scale, self.kv_lora)

@@ -68,7 +68,13 @@ def sparse_mla(
     d_v columns are the values), indices [n, K] into kv with -1 = skip.
     Returns out [n, H, d_v] in q's dtype and lse [n, H] fp32 (natural log). A row with no valid
     index gets out = 0 and lse = -inf. Rows are processed `chunk` at a time to bound memory.
+    FP8 KV: kv may be uint8 [T, W] rows in cp_attn.ops.kv_fp8's layout (656 bytes for V3.2), which
+    are dequantised to q's dtype first (the kernels read the same bytes).
     """
+    if kv.dtype == torch.uint8:
+        from cp_attn.ops.kv_fp8 import unpack_mla_kv
+
+        kv = unpack_mla_kv(kv, d_v, q.dtype)
     n, H, _ = q.shape
     out = q.new_empty((n, H, d_v))
     lse = torch.empty((n, H), dtype=torch.float32, device=q.device)

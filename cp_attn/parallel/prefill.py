@@ -18,6 +18,7 @@ from cp_attn.config import ModelConfig
 from cp_attn.inputs import validate_batch
 from cp_attn.layout import SplitPlan, canonical_mode, plan_split
 from cp_attn.model import ForwardContext, Transformer
+from cp_attn.model.context import check_kv_dtype
 from cp_attn.ops.kernels import KernelSet
 from cp_attn.parallel.moe import check_backend, make_moe_backend
 from cp_attn.timing import StageTimer
@@ -73,8 +74,10 @@ def cp_prefill(
     timer: StageTimer | None = None,
     record_topk: bool = False,
     attn_impl: str = "sparse",
+    kv_dtype: str = "auto",
 ) -> PrefillOutput:
     """Run the prefill of `input_ids` (every rank passes the whole batch) on this rank's rows."""
+    check_kv_dtype(kv_dtype)
     ids = check_prefill_args(model.cfg, comm.size, mode, moe_backend, input_ids)
     device = model.embed_tokens.weight.device
     plan = plan_split([len(s) for s in ids], comm.size, mode)
@@ -84,7 +87,7 @@ def cp_prefill(
     captured: dict[int, torch.Tensor] = {}
     ctx = cp_context(
         plan, comm, make_moe_backend(moe_backend, comm, plan, model.cfg, deepep_impl, model.embed_tokens.weight.dtype), device,
-        kernels=kernels or KernelSet(), timer=timer, attn_impl=attn_impl,
+        kernels=kernels or KernelSet(), timer=timer, attn_impl=attn_impl, kv_dtype=kv_dtype,
         on_topk=(lambda layer, idx: captured.__setitem__(layer, idx)) if record_topk else None,
     )
     hidden_local = model(local_ids, ctx)
