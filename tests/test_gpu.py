@@ -141,7 +141,9 @@ def test_cuda_triton_kernels_match_torch_kernels():
     for layer, idx in runs["torch"].topk.items():
         assert torch.equal(idx, runs["triton"].topk[layer]), layer
     torch.testing.assert_close(runs["triton"].hidden, runs["torch"].hidden, atol=FP32_ATOL, rtol=0)
-    model = model.bfloat16()
+    # bf16: a rounding-level difference can flip a near-tie in top-k (index_topk=8 here) and move a
+    # token by O(1), so compare where attention is dense-causal (index_topk above every length).
+    model = build_model(RandomSource(_dense_cfg(), seed=2), dtype=torch.bfloat16, device="cuda")
     for kv_dtype in ("auto", "fp8"):
         ref, got = (model.logits(cp_prefill(model, Comm.single(), ids, "in_seq", "fused", kernels=get_kernels(k),
                                             kv_dtype=kv_dtype).hidden).float() for k in ("torch", "triton"))

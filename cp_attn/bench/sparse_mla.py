@@ -100,7 +100,6 @@ TUNE_CONFIGS = [
     dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3),
     dict(BLOCK_H=64, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_H=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_H=64, BLOCK_N=128, num_warps=8, num_stages=1),
     dict(BLOCK_H=128, BLOCK_N=32, num_warps=8, num_stages=2),
-    dict(BLOCK_H=128, BLOCK_N=32, num_warps=16, num_stages=2),
-    dict(BLOCK_H=128, BLOCK_N=64, num_warps=16, num_stages=1),
 ]
