@@ -27,8 +27,8 @@ import triton.language as tl
 from cp_attn.ops.kv_fp8 import BLOCK as FP8_BLOCK
 from cp_attn.ops.kv_fp8 import mla_fp8_width
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into sm_scale
+LN2 = tl.constexpr(0.6931471805599453)  # natural log of 2, for the lse
 
 
 @triton.jit
