@@ -22,6 +22,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 the decorator made an interpreter wrapper
+        fn = JITFunction(fn.fn)
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     if aligned is None:
         aligned = [k for k, v in signature.items() if v.startswith("*") or k.startswith("stride")]
