@@ -10,6 +10,13 @@ torch's CUTLASS kernels and are skipped without CUDA.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,6 +30,8 @@ from cp_attn.model.moe_grouped import check_impl, grouped_mm_runs, has_grouped_m
 from cp_attn.parallel import expert_placement, make_moe_backend
 from tests.spawn import run_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.skipif(not has_grouped_mm(), reason="torch has no _grouped_mm")
 
 # fp32, same products on both sides: only the order of the fp32 sum over a row's k choices differs
@@ -32,8 +41,8 @@ FP32_RTOL = 1e-5
 # bf16, per row: ||grouped - loop|| / ||loop||. Both paths round the gate/up outputs, silu*up and the
 # down output to bf16 (2^-9 relative per rounding) but may accumulate in another order (CUTLASS vs
 # cuBLAS tiles), so a bf16 value can land one ulp apart and the difference carries through the down
-# GEMM: a few e-3 per row. 1e-2 keeps >= 2x headroom, while one wrong expert in a row's top-8 moves
-# that row by ~0.3 and a dropped or duplicated row by 1.
+# GEMM. Simulated at 7168 -> 2048 with two fp32 accumulation orders: <= 8e-4 per row. 1e-2 leaves
+# >10x headroom, while one wrong expert in a row's top-8 moves that row by ~0.3, a lost row by 1.
 BF16_ROW_REL = 1e-2
 
 TINY = preset("tiny", num_hidden_layers=2)  # layer 0 dense, layer 1 MoE: 12 experts, top-3, I = 24
@@ -300,3 +309,46 @@ def test_gpu_grouped_path_never_syncs_the_host():
         moe.routed(x, idx, w)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- scripts/bench_moe.py --------------------------------------------------------------------
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "scripts" / "bench_moe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_pieces_run_on_cpu_at_tiny_shapes():
+    """The GPU benchmark's routing and timed bodies, at tiny shapes with a wall-clock timer."""
+    b = _bench_script()
+    idx, _ = b.balanced_routing(64, 32, 8, "cpu")
+    assert torch.bincount(idx.flatten()).tolist() == [16] * 32
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "a token's experts must be distinct"
+    with pytest.raises(ValueError, match="equal rows"):
+        b.balanced_routing(5, 32, 8, "cpu")
+
+    def once(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    cpu = torch.device("cpu")
+    ms, flops = b.bench_gemm(once, cpu, 4, 8, H=64, I=32)
+    assert set(ms) == {"loop", "grouped"} and flops == 2 * 32 * 64 * 32
+    cfg = TINY.replace(num_experts_per_tok=8, n_routed_experts=16, n_group=4, topk_group=2)
+    moe = b.random_moe(cfg, cpu)
+    ms, flops = b.bench_routed(once, moe, 16)
+    assert set(ms) == {"loop", "grouped"} and flops == 2 * 3 * 16 * 8 * 64 * 24
+    ms, _ = b.bench_layer(once, moe, cfg, 16)
+    assert set(ms) == {"loop", "grouped"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_refuses_without_cuda(tmp_path):
+    out = tmp_path / "moe.json"
+    r = subprocess.run([sys.executable, "scripts/bench_moe.py", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0 and "needs a GPU" in r.stderr and not out.exists()

@@ -144,6 +144,8 @@ def routed_grouped(stack: StackedExperts, x: torch.Tensor, expert_idx: torch.Ten
     E, H = stack.num_experts, stack.hidden
     ip, hp = stack.w2.shape[2], stack.w2.shape[1]
     out = torch.zeros((n, H), dtype=torch.float32, device=x.device)
+    if n * k == 0:
+        return out
     slot = stack.slot_of[expert_idx.reshape(-1) + 1]                                 # [n k], E = not here
     order = torch.argsort(slot, stable=True)                                         # [n k] grouped by expert
     sorted_slot = slot[order]
