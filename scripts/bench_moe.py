@@ -95,7 +95,8 @@ def peak_tflops(bench, device) -> float:
     return 2 * n**3 / bench(lambda: a @ b) / 1e9
 
 
-def bench_gemm(bench, device, n_experts: int, per_expert: int, H: int = 7168, I: int = 2048) -> tuple[dict[str, float], float]:
+def bench_gemm(bench, device, n_experts: int, per_expert: int, H: int = 7168,
+               I: int = 2048) -> tuple[dict[str, float], float]:
     """One H -> I projection of `per_expert` sorted rows per expert: grouped vs one mm each."""
     rows = n_experts * per_expert
     x = torch.randn(rows, H, device=device, dtype=torch.bfloat16)

@@ -50,7 +50,8 @@ def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE impl {impl!r}; expected one of {IMPLS}")
     if impl == "grouped" and not has_grouped_mm():
-        raise ValueError(f"moe.impl=grouped needs torch._grouped_mm, which torch {torch.__version__} lacks; use loop or auto")
+        raise ValueError(f"moe.impl=grouped needs torch._grouped_mm, which torch {torch.__version__} lacks; "
+                         "use loop or auto")
     return impl
 
 
@@ -133,7 +134,8 @@ def stack_experts(experts: Mapping[int, SwiGLU], n_experts: int) -> StackedExper
     return StackedExperts(w13, w2, slot_of, group_ends, hidden, inter)
 
 
-def routed_grouped(stack: StackedExperts, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def routed_grouped(stack: StackedExperts, x: torch.Tensor, expert_idx: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[:, k] * Expert_{expert_idx[:, k]}(x) over the stacked experts.
 
     x [n, H], expert_idx [n, k] global ids in [-1, n_experts) (-1 and unheld ids add nothing),
