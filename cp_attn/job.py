@@ -14,6 +14,7 @@ import torch
 from cp_attn.comm import Comm
 from cp_attn.inputs import load_prompts, random_prompts
 from cp_attn.layout import canonical_mode
+from cp_attn.model.moe_grouped import resolve_impl
 from cp_attn.checkpoint import build_model
 from cp_attn.flops import prefill_flops
 from cp_attn.model.context import check_kv_dtype
@@ -50,7 +51,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
 
     placement = expert_placement(cfg.moe.backend, model_cfg, comm.rank, comm.size)
     model = build_model(source, expert_ids=placement.expert_ids, expert_shard=placement.expert_shard,
-                        dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim)
+                        dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim, moe_impl=cfg.moe.impl)
 
     def forward(timer=None):
         return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels,
@@ -74,6 +75,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "cp_size": comm.size,
         "mode": mode,
         "moe_backend": cfg.moe.backend,
+        "moe_impl": resolve_impl(cfg.moe.impl, device, dtype),
         "sequences": len(ids),
         "tokens": out.plan.num_tokens,
         "seconds": round(seconds, 6),
@@ -99,7 +101,8 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
             torch.save({"logits": [x.cpu() for x in logits]}, cfg.output.logits)
         if cfg.check:
             del model
-            full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim)
+            full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim,
+                               moe_impl=cfg.moe.impl)
             ref = run_single(full, ids, kernels=kernels, kv_dtype=cfg.kv_dtype)
             got, want = torch.cat(logits).float(), torch.cat(ref).float()
             report["max_abs_diff"] = float((got - want).abs().max())

@@ -45,6 +45,8 @@ class MoESpec:
     """'fused' (all-gather, intermediate-dim shards, reduce-scatter) or 'deepep' (all-to-all)."""
     deepep_impl: str = "auto"
     """For deepep: 'auto' (deep_ep.Buffer when importable on NCCL), 'all_to_all', 'deep_ep'."""
+    impl: str = "auto"
+    """Routed experts: 'loop' (one expert at a time), 'grouped' (torch._grouped_mm), 'auto' (grouped where it runs)."""
 
 
 @dataclass
