@@ -91,11 +91,14 @@ def run_torchrun(
     with open(log_path, "wb") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  cwd=cwd, env=env, start_new_session=True)
-        seen = _watch(child, t0 + timeout_s)
-        timed_out = child.poll() is None
-        _kill_all([psutil.Process(child.pid)] if timed_out else [], seen)
+        seen: dict[int, psutil.Process] = {}
+        try:
+            _watch(child, t0 + timeout_s, seen)
+        finally:  # also on Ctrl-C in the parent: the job is in a session of its own and would live on
+            timed_out = child.poll() is None
+            _kill_all([psutil.Process(child.pid)] if timed_out else [], seen)
+            child.wait()
         returncode = None if timed_out else child.returncode
-        child.wait()
     seconds = time.monotonic() - t0
     failures = _read_failures(failures_path)
     result = LaunchResult(returncode, timed_out, seconds, failures)
@@ -104,10 +107,9 @@ def run_torchrun(
     return result
 
 
-def _watch(child: subprocess.Popen, deadline: float) -> dict[int, psutil.Process]:
-    """Wait for the child until `deadline`, remembering every descendant it starts (workers that
+def _watch(child: subprocess.Popen, deadline: float, seen: dict[int, psutil.Process]) -> None:
+    """Wait for the child until `deadline`, adding every descendant it starts to `seen` (workers that
     outlive a crashed agent are re-parented and could not be found from the child afterwards)."""
-    seen: dict[int, psutil.Process] = {}
     root = psutil.Process(child.pid)
     while child.poll() is None and time.monotonic() < deadline:
         try:
@@ -119,7 +121,6 @@ def _watch(child: subprocess.Popen, deadline: float) -> dict[int, psutil.Process
             child.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
             pass
-    return seen
 
 
 def _kill_all(roots: list[psutil.Process], seen: dict[int, psutil.Process]) -> None:

@@ -24,6 +24,15 @@ def short_label(config: dict, keys: Sequence[str], sep: str = " ") -> str:
     return sep.join(f"{k.rsplit('.', 1)[-1]}={fmt_value(config.get(k))}" for k in keys) or "all"
 
 
+def values_label(config: dict, keys: Sequence[str]) -> str:
+    """The values alone, one per line ('2\nin_seq\n[37,16]'), for crowded tick labels."""
+    return "\n".join(fmt_value(config.get(k)) for k in keys) or "all"
+
+
+def _keys_axis_label(keys: Sequence[str]) -> str:
+    return " / ".join(keys) if keys else "configuration"
+
+
 def _ran(records: Sequence[Record]) -> tuple[list[Record], list[str], list[str]]:
     ran = [r for r in latest(records) if r.runnable and r.ttft_ms]
     keys = identity_keys(ran)
@@ -70,8 +79,8 @@ def ttft_figure(records: Sequence[Record]) -> Figure | None:
     else:
         rs = sorted_records(ran, vary)
         ax.bar(range(len(rs)), [r.ttft_ms["median"] for r in rs], yerr=_yerr(rs), capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(rs)), [short_label(r.config, vary, "\n") for r in rs], fontsize="small")
-        ax.set_xlabel(f"configuration ({tokens[0]} tokens)")
+        ax.set_xticks(range(len(rs)), [values_label(r.config, vary) for r in rs], fontsize="small")
+        ax.set_xlabel(f"{_keys_axis_label(vary)} ({tokens[0]} tokens)")
     ax.set_ylabel("TTFT ms (median; bars: min..max)")
     ax.set_title("Prefill time to first token")
     ax.grid(alpha=0.3)
@@ -128,7 +137,8 @@ def per_rank_figure(records: Sequence[Record]) -> Figure | None:
     ax_rows.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_rows.set_ylabel("rows (real tokens)")
     ax_ms.set_ylabel("time to end of forward, ms")
-    ax_ms.set_xticks(range(len(multi)), [short_label(r.config, vary, "\n") for r in multi], fontsize="small")
+    ax_ms.set_xticks(range(len(multi)), [values_label(r.config, vary) for r in multi], fontsize="small")
+    ax_ms.set_xlabel(_keys_axis_label(vary))
     ax_rows.set_title("Per-rank load: rows and time")
     for ax in (ax_rows, ax_ms):
         ax.grid(alpha=0.3, axis="y")

@@ -75,11 +75,11 @@ def fmt_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
 
 
-def find(records: Sequence[Record], config: dict[str, Any], keys: Sequence[str], ignore: Iterable[str] = (),
-         **changes: Any) -> Record | None:
-    """The record whose config equals `config` with `changes` applied (dotted keys spelled with '__'),
-    comparing only `keys` minus `ignore`; None when there is none."""
-    want = {**config, **{k.replace("__", "."): v for k, v in changes.items()}}
+def find(records: Sequence[Record], config: dict[str, Any], keys: Sequence[str], changes: dict[str, Any],
+         ignore: Iterable[str] = ()) -> Record | None:
+    """The record whose config equals `config` with `changes` applied ({'cp.size': 1}), comparing
+    only `keys` minus `ignore`; None when there is none."""
+    want = {**config, **changes}
     target = config_id(want, keys, ignore)
     for r in records:
         if config_id(r.config, keys, ignore) == target:
@@ -93,14 +93,14 @@ def partner(records: Sequence[Record], rec: Record, key: str, keys: Sequence[str
     value = rec.config.get(key)
     if value not in (a, b):
         return None
-    return find(records, rec.config, keys, **{key.replace(".", "__"): b if value == a else a})
+    return find(records, rec.config, keys, {key: b if value == a else a})
 
 
 def cp1_reference(records: Sequence[Record], rec: Record, keys: Sequence[str]) -> Record | None:
     """The cp = 1 run of `rec`'s configuration: the same split mode and backend when it was run,
     else any cp = 1 run that differs only in them (on one rank they compute the same thing)."""
-    return (find(records, rec.config, keys, cp__size=1)
-            or find(records, rec.config, keys, ignore=SAME_AT_CP1, cp__size=1))
+    return (find(records, rec.config, keys, {"cp.size": 1})
+            or find(records, rec.config, keys, {"cp.size": 1}, ignore=SAME_AT_CP1))
 
 
 def speedup(ref: Record | None, rec: Record) -> float | None:
