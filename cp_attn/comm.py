@@ -172,6 +172,15 @@ class Comm:
         if not self._local:
             dist.barrier(group=self.group)
 
+    def all_gather_object(self, obj: object) -> list:
+        """Every rank's picklable `obj`, in rank order. For small metadata (per-rank report lines),
+        never tensors of the forward."""
+        if self._local:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
     """Join the torchrun group (env:// rendezvous) and return its Comm; a single process without

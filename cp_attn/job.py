@@ -5,7 +5,9 @@ Kept out of the script so tests can call it directly with a composed config and 
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from cp_attn.flops import prefill_flops
 from cp_attn.model.context import check_kv_dtype
 from cp_attn.ops.kernels import check_kernels_device, get_kernels
 from cp_attn.parallel import check_prefill_args, cp_prefill, expert_placement
-from cp_attn.reference import run_single
+from cp_attn.reference import OUTPUT_TOKENS, run_single, select_tokens
 from cp_attn.runconfig import PrefillConfig, resolve_device, resolve_dtype, weight_source
 from cp_attn.timing import StageTimer
 
@@ -39,6 +41,10 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
     """
     if cfg.cp.size is not None and cfg.cp.size != comm.size:
         raise ValueError(f"cp.size={cfg.cp.size} but the job runs {comm.size} ranks (torchrun --nproc-per-node/--nnodes)")
+    if cfg.warmup < 0 or cfg.repeat < 1:
+        raise ValueError(f"warmup={cfg.warmup} and repeat={cfg.repeat}: need warmup >= 0 and repeat >= 1")
+    if cfg.output.tokens not in OUTPUT_TOKENS:
+        raise ValueError(f"unknown output.tokens {cfg.output.tokens!r}; expected one of {list(OUTPUT_TOKENS)}")
     mode = canonical_mode(cfg.cp.mode)
     kernels = get_kernels(cfg.kernels, vars(cfg.kernel_stage))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -57,18 +63,25 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels,
                           deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(cfg.warmup):
         forward()
     timer = StageTimer(sync=device.type == "cuda") if cfg.stages else None
-    comm.barrier()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = forward(timer)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    comm.barrier()
-    seconds = time.perf_counter() - t0
+    times, own = [], []  # per repeat: the group's wall time, this rank's until its forward returned
+    for _ in range(cfg.repeat):
+        comm.barrier()
+        sync()
+        t0 = time.perf_counter()
+        out = forward(timer)
+        sync()
+        own.append(time.perf_counter() - t0)
+        comm.barrier()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    rank_seconds = comm.all_gather_object(statistics.median(own))
     flops = prefill_flops(model_cfg, out.plan.seq_lens)["total"]
 
     report = {
@@ -78,7 +91,8 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "moe_impl": resolve_impl(cfg.moe.impl, device, dtype),
         "sequences": len(ids),
         "tokens": out.plan.num_tokens,
-        "seconds": round(seconds, 6),
+        "seconds": round(seconds, 6),  # median of the `repeat` timed forwards
+        "times_s": [round(t, 6) for t in times],
         "tokens_per_s": round(out.plan.num_tokens / seconds, 1),
         # useful work (cp_attn.flops) of the whole group over wall time, and per rank
         "tflops": float(f"{flops / seconds / 1e12:.4g}"),
@@ -89,13 +103,20 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "kernels": kernels.name,
         "kernel_stages": dict(kernels.choice),
         "kv_dtype": cfg.kv_dtype,
+        # each rank's median forward time and the real (non-padding) rows it computed
+        "per_rank": [
+            {"rank": r, "seconds": round(t, 6), "rows": int((out.plan.token_index(r) >= 0).sum())}
+            for r, t in enumerate(rank_seconds)
+        ],
     }
     if device.type == "cuda":
+        report["device_name"] = torch.cuda.get_device_name(device)
         report["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if timer is not None:
-        report["stages_s"] = {k: round(v, 6) for k, v in timer.summary().items()}
+    if timer is not None:  # per forward: the timer summed all `repeat` of them
+        report["stages_s"] = {k: round(v / cfg.repeat, 6) for k, v in timer.summary().items()}
     if comm.rank == 0 and (cfg.check or cfg.output.logits):
-        logits = out.split(model.logits(out.hidden))
+        hidden, rows = select_tokens(out.hidden, out.plan.seq_lens, cfg.output.tokens)
+        logits = list(model.logits(hidden).split(rows))
         if cfg.output.logits:
             Path(cfg.output.logits).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"logits": [x.cpu() for x in logits]}, cfg.output.logits)
@@ -104,11 +125,24 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
             full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim,
                                moe_impl=cfg.moe.impl)
             ref = run_single(full, ids, kernels=kernels, kv_dtype=cfg.kv_dtype)
+            full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim)
+            ref = run_single(full, ids, kernels=kernels, tokens=cfg.output.tokens)
             got, want = torch.cat(logits).float(), torch.cat(ref).float()
             report["max_abs_diff"] = float((got - want).abs().max())
             # bf16 runs: a rounding-level change can flip a near-tie in routing or top-k and move a
             # token's logits by O(1), so also report how typical tokens and the argmax fare.
             report["rel_l2_diff"] = float((got - want).norm() / want.norm())
             report["argmax_match"] = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    if comm.rank == 0 and cfg.report:
+        write_json(cfg.report, report)
     comm.barrier()  # the others wait for rank 0's check, so the whole job ends together
     return report
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as JSON under a temporary name and rename it: readers see all of it or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)

@@ -63,6 +63,8 @@ class InputSpec:
 class OutputSpec:
     logits: Optional[str] = None
     """Where rank 0 saves {"logits": [fp32 [L_b, vocab] per sequence]} (torch.save); None: nowhere."""
+    tokens: str = "all"
+    """Whose logits rank 0 computes, checks and saves: 'all' tokens, or each sequence's 'last' ([1, vocab])."""
 
 
 @dataclass
@@ -101,9 +103,13 @@ class PrefillConfig:
     timeout_s: float = 600.0
     """Process-group timeout: a dead rank stops the others after at most this long."""
     warmup: int = 0
-    """Untimed forward passes before the timed one."""
+    """Untimed forward passes before the timed ones."""
+    repeat: int = 1
+    """Timed forward passes; the report gives each one's time and reports their median."""
     stages: bool = False
     """Time every stage on its own (synchronising the GPU around each) and report rank 0's times."""
+    report: Optional[str] = None
+    """Where rank 0 also writes the report as JSON (complete or not at all); None: only printed."""
 
 
 def from_omegaconf(cfg) -> PrefillConfig:
@@ -126,6 +132,23 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "rank_zero_only", lambda v: v if os.environ.get("RANK", "0") == "0" else None, replace=True
     )
+
+
+def refuse_multirun_under_torchrun() -> None:
+    """Exit (SystemExit, so Hydra starts no further job) when a Hydra multirun (-m) runs inside
+    torchrun: every job would reuse the same ranks and rendezvous one after another, and such runs
+    hang. scripts/sweep.py starts one torchrun job per configuration instead."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if "TORCHELASTIC_RUN_ID" in os.environ and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise SystemExit(
+            "error: a Hydra multirun (-m) cannot run under torchrun: its jobs would share one group of "
+            "ranks. Sweep with `python scripts/sweep.py -m cp.size=1,2 ...` (no torchrun), which starts "
+            "one torchrun job per configuration."
+        )
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

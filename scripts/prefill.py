@@ -17,13 +17,14 @@ from omegaconf import DictConfig
 
 from cp_attn.comm import destroy_distributed, init_distributed
 from cp_attn.job import run_job
-from cp_attn.runconfig import from_omegaconf, register_resolvers
+from cp_attn.runconfig import from_omegaconf, refuse_multirun_under_torchrun, register_resolvers
 
 register_resolvers()  # ${rank_zero_only:...}: every rank shares one run dir, only rank 0 writes .hydra/
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    refuse_multirun_under_torchrun()  # sweeps: scripts/sweep.py, one torchrun job per configuration
     run_cfg = from_omegaconf(cfg)
     comm = init_distributed(run_cfg.backend, run_cfg.timeout_s)
     try:

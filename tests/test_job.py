@@ -91,6 +91,8 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "kernels": (["kernels=cutlass"], "'cutlass'"),
         "moe_impl": (["moe.impl=fast"], "'fast'"),
         "empty_lengths": (["input.lengths=[]"], "empty"),
+        "repeat": (["repeat=0"], "repeat=0"),
+        "output_tokens": (["output.tokens=first"], "'first'"),
     }
 
 
@@ -117,13 +119,56 @@ def test_bad_input_fails_on_every_rank_before_any_collective(tmp_path):
             assert needle in errors[name], f"rank {rank}, case {name}: {errors[name]!r} lacks {needle!r}"
 
 
+# ---- timing repeats, per-rank lines, the report file, last-token logits --------------------------------
+
+
+def _jobs_worker(comm: Comm, cfgs: list[PrefillConfig]) -> list[dict]:
+    torch.set_num_threads(1)
+    return [run_job(cfg, comm) for cfg in cfgs]
+
+
+@pytest.mark.multiproc
+def test_repeats_per_rank_report_file_and_last_token_logits(tmp_path):
+    full, last, report = tmp_path / "full.pt", tmp_path / "last.pt", tmp_path / "sub" / "report.json"
+    cfgs = [
+        _compose(["repeat=3", "warmup=1", f"report={report}", "cp=round_robin"]),
+        _compose([f"output.logits={full}", "cp=round_robin"]),
+        _compose([f"output.logits={last}", "output.tokens=last", "check=true", "cp=round_robin"]),
+    ]
+    rank0, rank1 = run_ranks(_jobs_worker, 2, cfgs, timeout=120)
+    timed = rank0[0]
+    assert len(timed["times_s"]) == 3 and timed["seconds"] == sorted(timed["times_s"])[1]
+    # every real token is computed by exactly one rank; round_robin gives rank r the tokens t % 2 == r
+    lens = InputSpec().lengths
+    assert [r["rank"] for r in timed["per_rank"]] == [0, 1]
+    assert [r["rows"] for r in timed["per_rank"]] == [(sum(lens) + 1) // 2, sum(lens) // 2]
+    assert all(r["seconds"] > 0 for r in timed["per_rank"])
+    assert rank1[0]["per_rank"] == timed["per_rank"]  # every rank holds the gathered lines
+    assert json.loads(report.read_text()) == timed    # rank 0 wrote its report, whole
+    assert not list(report.parent.glob(".*tmp"))
+
+    every, ends = torch.load(full)["logits"], torch.load(last)["logits"]
+    assert [tuple(x.shape) for x in ends] == [(1, 512)] * len(lens)
+    for b, (x, y) in enumerate(zip(every, ends)):
+        torch.testing.assert_close(y[0], x[-1], rtol=0, atol=0, msg=f"sequence {b}")
+    assert rank0[2]["max_abs_diff"] < CP_ATOL and rank0[2]["argmax_match"] == 1.0
+
+
+@pytest.mark.multiproc
+def test_multirun_under_torchrun_is_refused_at_once(tmp_path):
+    proc = _torchrun(["cp=in_seq,round_robin", "check=true", f"hydra.sweep.dir={tmp_path / 'mr'}"], tmp_path, ("-m",))
+    assert proc.returncode != 0
+    assert "scripts/sweep.py" in proc.stdout + proc.stderr
+    assert not (tmp_path / "mr" / "1").exists()  # the first job refused; no second one started
+
+
 # ---- the README's main command ----------------------------------------------------------------------
 
 
-def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], tmp: Path, hydra_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "scripts/prefill.py",
-           f"hydra.run.dir={tmp / 'run'}", *args]
+           *hydra_flags, f"hydra.run.dir={tmp / 'run'}", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
