@@ -1,5 +1,14 @@
 """Pure token layouts for context parallelism (no torch.distributed here)."""
 
+from cp_attn.layout.balance import (
+    RankLoad,
+    contiguous_loads,
+    gather_padding,
+    imbalance,
+    rank_loads,
+    relative,
+    rows_by_sequence,
+)
 from cp_attn.layout.split import (
     MODE_ALIASES,
     PAD,
@@ -13,9 +22,16 @@ from cp_attn.layout.split import (
 __all__ = [
     "MODE_ALIASES",
     "PAD",
+    "RankLoad",
     "SplitPlan",
     "canonical_mode",
+    "contiguous_loads",
+    "gather_padding",
+    "imbalance",
     "in_seq_block_sizes",
     "plan_split",
+    "rank_loads",
+    "relative",
+    "rows_by_sequence",
     "validate_seq_lens",
 ]
