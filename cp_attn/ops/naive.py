@@ -82,6 +82,7 @@ def sparse_mla(
         idx = indices[s : s + chunk].long()
         valid = (idx >= 0) & (idx < kv.shape[0])
         sel = kv[idx.clamp(0, kv.shape[0] - 1)].float()                       # [c, K, Dqk]
+        sel.masked_fill_(~valid[..., None], 0.0)  # skipped slots read row 0: never let it in (0 * NaN)
         scores = torch.einsum("chd,ckd->chk", q[s : s + chunk].float(), sel) * sm_scale
         scores.masked_fill_(~valid[:, None, :], float("-inf"))
         row_lse = scores.logsumexp(-1)                                        # [c, H]
