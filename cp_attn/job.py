@@ -18,7 +18,7 @@ from cp_attn.checkpoint import build_model
 from cp_attn.flops import prefill_flops
 from cp_attn.model.context import check_kv_dtype
 from cp_attn.ops.kernels import check_kernels_device, get_kernels
-from cp_attn.parallel import check_prefill_args, cp_prefill, expert_placement
+from cp_attn.parallel import check_chunk_size, check_prefill_args, chunked_prefill, cp_prefill, expert_placement
 from cp_attn.reference import run_single
 from cp_attn.runconfig import PrefillConfig, resolve_device, resolve_dtype, weight_source
 from cp_attn.timing import StageTimer
@@ -39,6 +39,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
     if cfg.cp.size is not None and cfg.cp.size != comm.size:
         raise ValueError(f"cp.size={cfg.cp.size} but the job runs {comm.size} ranks (torchrun --nproc-per-node/--nnodes)")
     mode = canonical_mode(cfg.cp.mode)
+    check_chunk_size(cfg.input.chunk_size)
     kernels = get_kernels(cfg.kernels, vars(cfg.kernel_stage))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     check_kernels_device(kernels, device)
@@ -53,6 +54,10 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
                         dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim)
 
     def forward(timer=None):
+        if cfg.input.chunk_size:  # keep every chunk's hidden states only when logits are wanted
+            return chunked_prefill(model, comm, ids, mode, cfg.moe.backend, cfg.input.chunk_size, kernels=kernels,
+                                   deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype,
+                                   keep_hidden=cfg.check or bool(cfg.output.logits))
         return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels,
                           deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype)
 
@@ -68,16 +73,16 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         torch.cuda.synchronize(device)
     comm.barrier()
     seconds = time.perf_counter() - t0
-    flops = prefill_flops(model_cfg, out.plan.seq_lens)["total"]
+    flops = prefill_flops(model_cfg, out.seq_lens)["total"]
 
     report = {
         "cp_size": comm.size,
         "mode": mode,
         "moe_backend": cfg.moe.backend,
         "sequences": len(ids),
-        "tokens": out.plan.num_tokens,
+        "tokens": out.num_tokens,
         "seconds": round(seconds, 6),
-        "tokens_per_s": round(out.plan.num_tokens / seconds, 1),
+        "tokens_per_s": round(out.num_tokens / seconds, 1),
         # useful work (cp_attn.flops) of the whole group over wall time, and per rank
         "tflops": float(f"{flops / seconds / 1e12:.4g}"),
         "tflops_per_rank": float(f"{flops / seconds / 1e12 / comm.size:.4g}"),
@@ -88,6 +93,9 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "kernel_stages": dict(kernels.choice),
         "kv_dtype": cfg.kv_dtype,
     }
+    if cfg.input.chunk_size:  # a prompt's TTFT: until the chunk holding its last token was done
+        report.update(chunk_size=cfg.input.chunk_size, chunks=len(out.chunks),
+                      ttft_s=[round(t, 6) for t in out.ttft_s])
     if device.type == "cuda":
         report["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if timer is not None:

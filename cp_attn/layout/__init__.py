@@ -1,5 +1,6 @@
 """Pure token layouts for context parallelism (no torch.distributed here)."""
 
+from cp_attn.layout.prefix import PrefixPlan, chunk_schedule, plan_prefix
 from cp_attn.layout.split import (
     MODE_ALIASES,
     PAD,
@@ -13,9 +14,12 @@ from cp_attn.layout.split import (
 __all__ = [
     "MODE_ALIASES",
     "PAD",
+    "PrefixPlan",
     "SplitPlan",
     "canonical_mode",
+    "chunk_schedule",
     "in_seq_block_sizes",
+    "plan_prefix",
     "plan_split",
     "validate_seq_lens",
 ]
