@@ -29,6 +29,7 @@ from cp_attn.comm import Comm
 from cp_attn.config import preset
 from cp_attn.job import run_job
 from cp_attn.layout import chunk_schedule, plan_prefix, plan_split
+from cp_attn.ops.kv_fp8 import mla_fp8_width
 from cp_attn.parallel import chunked_prefill, cp_prefill, expert_placement
 from cp_attn.runconfig import InputSpec, PrefillConfig
 from tests.spawn import run_ranks
@@ -38,6 +39,12 @@ from tests.spawn import run_ranks
 # CP, tests/test_cp_prefill.py) is far below any real bug (a wrong position, key or row moves logits
 # by >= 1e-2).
 CHUNK_ATOL = 2e-5
+# FP8 cache (kv_dtype=fp8) against the one-shot prefill with FP8 KV: every token's latent and index key
+# are quantised on their own (per-token / per-128 scales), so chunking changes their bytes only where a
+# value lies within ~1e-7 relative of an e4m3 rounding boundary (not seen here); what is left is the
+# fp32 difference above, seen <= 3e-6. A flipped e4m3 value would move logits by >= 1e-3.
+FP8_ATOL = 2e-5
+FP8_CHUNK = 7
 SEED = 5
 PAIRS = [("in_seq", "fused"), ("round_robin", "deepep"), ("in_seq", "deepep"), ("round_robin", "fused")]
 CP_SIZES = [1, 2, 3, 4]
@@ -98,6 +105,15 @@ def _worker(comm: Comm) -> dict:
             "topk": {layer: _to_seq_pos(idx, list(out.cache.region_starts)) for layer, idx in out.topk.items()},
             "chunks": out.chunks, "ttft": out.ttft_s, "lengths": out.cache.lengths,
         }
+    mode, backend = PAIRS[(comm.size + 1) % len(PAIRS)]
+    model = _model(backend, comm, models)
+    out = chunked_prefill(model, comm, BATCH, mode, backend, FP8_CHUNK, kv_dtype="fp8", record_topk=True)
+    results["fp8"] = {
+        "logits": out.split(model.logits(out.hidden)),
+        "topk": {layer: _to_seq_pos(idx, list(out.cache.region_starts)) for layer, idx in out.topk.items()},
+        "stored": (out.cache.latent[0].dtype, out.cache.latent[0].shape[1],
+                   tuple(t.dtype for t in out.cache.index_k[0])),
+    }
     # A caller-owned cache with spare rows, NaN-filled, fed hand-picked chunks (some sequences idle).
     mode, backend = PAIRS[comm.size % len(PAIRS)]
     model = _model(backend, comm, models)
@@ -124,8 +140,8 @@ def one_shot():
     """Single-process one-shot logits per sequence and top-k as (sequence, position), per batch."""
     model = build_model(_source())
     out = {}
-    for name, ids in (("batch", BATCH), ("steps", STEP_IDS)):
-        ref = cp_prefill(model, Comm.single(), ids, "in_seq", "fused", record_topk=True)
+    for name, ids, kv in (("batch", BATCH, "auto"), ("steps", STEP_IDS, "auto"), ("fp8", BATCH, "fp8")):
+        ref = cp_prefill(model, Comm.single(), ids, "in_seq", "fused", record_topk=True, kv_dtype=kv)
         starts = _cumstarts([len(s) for s in ids])
         out[name] = {"logits": ref.split(model.logits(ref.hidden)),
                      "topk": {layer: _to_seq_pos(idx, starts) for layer, idx in ref.topk.items()}}
@@ -145,9 +161,9 @@ def chunked_runs():
     return get
 
 
-def _assert_same(got: dict, ref: dict, where: str) -> None:
+def _assert_same(got: dict, ref: dict, where: str, atol: float = CHUNK_ATOL) -> None:
     for b, (g, r) in enumerate(zip(got["logits"], ref["logits"], strict=True)):
-        torch.testing.assert_close(g, r, atol=CHUNK_ATOL, rtol=0, msg=lambda m: f"{where}, sequence {b}: {m}")
+        torch.testing.assert_close(g, r, atol=atol, rtol=0, msg=lambda m: f"{where}, sequence {b}: {m}")
     assert sorted(got["topk"]) == sorted(ref["topk"]), f"{where}: layers recorded differ"
     for layer, r in ref["topk"].items():
         g = got["topk"][layer]
@@ -175,6 +191,17 @@ def test_caller_cache_with_mixed_prefixes_equals_one_shot(chunked_runs, one_shot
     for rank, res in enumerate(chunked_runs(cp)):
         _assert_same(res["steps"], one_shot["steps"], f"rank {rank}")
         assert res["steps"]["lengths"] == STEP_LENS
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("cp", CP_SIZES, ids=lambda c: f"cp{c}")
+def test_fp8_cache_equals_one_shot_fp8(chunked_runs, one_shot, cp):
+    """kv_dtype=fp8: the cache stores FlashMLA's packed latent and the (e4m3, scale) index key."""
+    cfg = preset("tiny")
+    for rank, res in enumerate(chunked_runs(cp)):
+        _assert_same(res["fp8"], one_shot["fp8"], f"rank {rank}", atol=FP8_ATOL)
+        assert res["fp8"]["stored"] == (torch.uint8, mla_fp8_width(cfg.kv_lora_rank, cfg.qk_rope_head_dim),
+                                        (torch.float8_e4m3fn, torch.float32))
 
 
 def test_the_matrix_is_pairwise_and_covers_the_edges():
