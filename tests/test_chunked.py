@@ -305,6 +305,16 @@ def test_dense_mask_oracle_over_a_cache_equals_one_shot():
     torch.testing.assert_close(out.hidden, ref.hidden, atol=CHUNK_ATOL, rtol=0)
 
 
+def test_chunked_benchmark_record_runs_on_cpu():
+    """cp_attn.bench.prefill.time_chunked_prefill (scripts/bench_prefill.py --chunked) on the tiny model."""
+    from cp_attn.bench.prefill import time_chunked_prefill
+
+    rec = time_chunked_prefill(build_model(_source()), 20, 8, kernels="torch")
+    assert (rec["length"], rec["chunk_size"], rec["chunks"], len(rec["chunk_ms"])) == (20, 8, 3, 3)
+    assert rec["one_shot_ttft_ms"] > 0 and rec["chunked_ttft_ms"] >= sum(rec["chunk_ms"]) * 0.99
+    assert rec["chunking_cost"] > 0 and rec["cache_gib"] * 2**30 == 20 * bytes_per_token(preset("tiny"), "auto", torch.float32)
+
+
 # ---- bad input: clear errors on every rank before any collective ------------------------------------
 
 
