@@ -58,15 +58,6 @@ class PrefixPlan:
         """[B'] batch sequence of each split sequence (the ones with N_b > 0)."""
         return torch.tensor([b for b, n in enumerate(self.new_lens) if n > 0], dtype=torch.long)
 
-    @property
-    def cp_size(self) -> int:
-        return self.split.cp_size
-
-    @property
-    def num_tokens(self) -> int:
-        """New tokens in the chunk (the rows a gather returns)."""
-        return self.split.num_tokens
-
     def _batch_seq(self, r: int) -> torch.Tensor:
         """[n_r] batch sequence of each of rank r's rows; 0 for padding (masked by the callers)."""
         return self.seq_index[self.split.seq_ids(r).clamp(min=0)]
