@@ -57,6 +57,9 @@ class InputSpec:
     """Lengths of the random sequences."""
     seed: int = 0
     """Seed of the random sequences."""
+    chunk_size: Optional[int] = None
+    """Prefill in chunks of at most this many tokens over a KV cache, several prompts per chunk as
+    SGLang packs them (cp_attn.parallel.chunked); reports TTFT per prompt. None: one shot."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from cp_attn.layout.balance import (
     relative,
     rows_by_sequence,
 )
+from cp_attn.layout.prefix import PrefixPlan, chunk_schedule, plan_prefix
 from cp_attn.layout.split import (
     MODE_ALIASES,
     PAD,
@@ -22,13 +23,16 @@ from cp_attn.layout.split import (
 __all__ = [
     "MODE_ALIASES",
     "PAD",
+    "PrefixPlan",
     "RankLoad",
     "SplitPlan",
     "canonical_mode",
+    "chunk_schedule",
     "contiguous_loads",
     "gather_padding",
     "imbalance",
     "in_seq_block_sizes",
+    "plan_prefix",
     "plan_split",
     "rank_loads",
     "relative",

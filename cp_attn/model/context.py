@@ -18,6 +18,7 @@ from cp_attn.ops.kernels import KernelSet
 from cp_attn.timing import StageTimer
 
 if TYPE_CHECKING:
+    from cp_attn.cache import KVCache
     from cp_attn.model.moe import MoE
 
 ATTN_IMPLS = ("sparse", "dense_mask")
@@ -36,7 +37,8 @@ class ForwardContext:
     positions: torch.Tensor
     """[n] position of each row in its own sequence (0 for padding rows); drives RoPE."""
     key_start: torch.Tensor
-    """[n] ks: first key of the row's sequence, as an index into the gathered (global-order) buffer."""
+    """[n] ks: first key of the row's sequence, as an index into the gathered (global-order) buffer,
+    or into the cache's buffers when `cache` is set."""
     key_end: torch.Tensor
     """[n] ke = ks + position + 1 (causal end); ks == ke for padding rows."""
     num_tokens: int
@@ -56,11 +58,19 @@ class ForwardContext:
     """Accumulates seconds per stage when set."""
     on_topk: Callable[[int, torch.Tensor], None] | None = None
     """Observer called with (layer, [n, K] indices into the gathered buffer) for analysis."""
+    cache: "KVCache | None" = None
+    """A KV cache (cp_attn.cache) holding the batch's earlier tokens: after each layer's gather the new
+    rows are written into it, and the indexer and sparse MLA read its whole buffers (then ks/ke and
+    top-k indices are cache rows). None: keys are the gathered tokens of this forward only."""
+    cache_rows: torch.Tensor | None = None
+    """[T] with `cache`: the cache row of every gathered token (they are this forward's new tokens)."""
 
     def __post_init__(self) -> None:
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attention implementation {self.attn_impl!r}; expected one of {ATTN_IMPLS}")
         check_kv_dtype(self.kv_dtype)
+        if (self.cache is None) != (self.cache_rows is None):
+            raise ValueError("cache and cache_rows come together: the rows say where the new tokens go")
 
     def stage(self, name: str) -> ContextManager:
         return self.timer.stage(name) if self.timer is not None else nullcontext()
@@ -69,6 +79,8 @@ class ForwardContext:
         self.positions = self.positions.to(device)
         self.key_start = self.key_start.to(device)
         self.key_end = self.key_end.to(device)
+        if self.cache_rows is not None:
+            self.cache_rows = self.cache_rows.to(device)
         return self
 
     @classmethod

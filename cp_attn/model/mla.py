@@ -193,6 +193,9 @@ class MLA(nn.Module):
             index_k = self.indexer.keys(x, rope)
         with ctx.stage("attn.gather"):
             latent_all, index_k_all = self.gather_kv(latent, index_k, ctx)
+        if ctx.cache is not None:  # append the new rows in place; the keys are then every cached row
+            with ctx.stage("attn.cache"):
+                latent_all, index_k_all = ctx.cache.write(layer, ctx.cache_rows, latent_all, index_k_all)
         with ctx.stage("attn.indexer"):
             topk = self.indexer.select(x, c_q, rope, index_k_all, ctx)
         if ctx.on_topk is not None:
@@ -201,7 +204,7 @@ class MLA(nn.Module):
             if ctx.attn_impl == "dense_mask":
                 if latent_all.dtype == torch.uint8:
                     latent_all = unpack_mla_kv(latent_all, self.kv_lora, x.dtype)
-                return self.naive_attention(c_q, rope, latent_all, topk_mask(topk, ctx.num_tokens))
+                return self.naive_attention(c_q, rope, latent_all, topk_mask(topk, latent_all.shape[0]))
             q = self.absorbed_q(c_q, rope)
             o_latent, _ = ctx.kernels.sparse_mla(q, latent_all, topk, self.softmax_scale, self.kv_lora)
         with ctx.stage("attn.out_proj"):
