@@ -127,7 +127,7 @@ def bench_layer(bench, moe: MoE, cfg: ModelConfig, n_tokens: int) -> tuple[dict[
     for impl in ("loop", "grouped"):
         moe.impl = impl
         ms[impl] = bench(lambda: moe_local(moe, x))
-    return ms, layer_flops(cfg, 1, [n_tokens])["moe"]
+    return ms, layer_flops(cfg, cfg.first_k_dense_replace, [n_tokens])["moe"]  # the first MoE layer
 
 
 def commit() -> str:
