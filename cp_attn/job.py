@@ -70,9 +70,9 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         if cfg.input.chunk_size:  # keep every chunk's hidden states only when logits are wanted
             return chunked_prefill(model, comm, ids, mode, cfg.moe.backend, cfg.input.chunk_size, kernels=kernels,
                                    deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype,
-                                   keep_hidden=cfg.check or bool(cfg.output.logits))
-        return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels,
-                          deepep_impl=cfg.moe.deepep_impl, timer=timer, kv_dtype=cfg.kv_dtype)
+                                   overlap_gather=cfg.overlap_gather, keep_hidden=cfg.check or bool(cfg.output.logits))
+        return cp_prefill(model, comm, ids, mode, cfg.moe.backend, kernels=kernels, deepep_impl=cfg.moe.deepep_impl,
+                          timer=timer, kv_dtype=cfg.kv_dtype, overlap_gather=cfg.overlap_gather)
 
     def sync():
         if device.type == "cuda":
@@ -114,6 +114,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         "kernels": kernels.name,
         "kernel_stages": dict(kernels.choice),
         "kv_dtype": cfg.kv_dtype,
+        "overlap_gather": cfg.overlap_gather,
         # each rank's median forward time and the real (non-padding) rows it computed
         "per_rank": [
             {"rank": r, "seconds": round(t, 6), "rows": rows}

@@ -98,6 +98,8 @@ class PrefillConfig:
     """Kernel set for the sparse-attention stages: 'torch' (plain-torch references) or 'triton'."""
     kernel_stage: KernelStages = field(default_factory=KernelStages)
     """Per-stage overrides of the kernel set."""
+    overlap_gather: bool = True
+    """Start each layer's KV all-gather before the query projections, so it runs behind them."""
     kv_dtype: str = "auto"
     """Gathered KV: 'auto' (the compute dtype), 'bf16', or 'fp8' (FlashMLA's 656-byte latent and a
     132-byte index key, packed on the owning rank before the gather; FP8 indexer)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 import torch
 
@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 ATTN_IMPLS = ("sparse", "dense_mask")
 KV_DTYPES = ("auto", "bf16", "fp8")
+
+
+class Waitable(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+@dataclass
+class _Deferred:
+    run: Callable[[], torch.Tensor]
+
+    def wait(self) -> torch.Tensor:
+        return self.run()
 
 
 def check_kv_dtype(kv_dtype: str) -> None:
@@ -47,6 +59,11 @@ class ForwardContext:
     """Local rows [n, ...] -> every token of the batch [T, ...] in global order."""
     moe: Callable[["MoE", torch.Tensor], torch.Tensor]
     """Runs a MoE layer (routed + shared experts) on the local rows [n, hidden] -> [n, hidden]."""
+    gather_async: Callable[[torch.Tensor], "Waitable"] | None = None
+    """The same gather, started now and finished by `.wait()` (None: `gather` runs at wait time)."""
+    overlap_gather: bool = True
+    """Start each layer's KV gather before the query projections and wait for it after them, so the
+    collective runs behind that work (off: gather, then project; for measuring what is hidden)."""
     kernels: KernelSet = field(default_factory=KernelSet)
     """Implementations of the sparse-attention stages."""
     attn_impl: str = "sparse"
@@ -71,6 +88,12 @@ class ForwardContext:
         check_kv_dtype(self.kv_dtype)
         if (self.cache is None) != (self.cache_rows is None):
             raise ValueError("cache and cache_rows come together: the rows say where the new tokens go")
+
+    def start_gather(self, x: torch.Tensor) -> "Waitable":
+        """Start gathering `x`; `.wait()` returns the gathered rows."""
+        if self.gather_async is not None:
+            return self.gather_async(x)
+        return _Deferred(lambda: self.gather(x))
 
     def stage(self, name: str) -> ContextManager:
         return self.timer.stage(name) if self.timer is not None else nullcontext()

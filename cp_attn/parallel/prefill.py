@@ -78,6 +78,7 @@ def cp_context(plan: SplitPlan, comm: Comm, moe, device: torch.device, prefix: P
         key_end=ke,
         num_tokens=plan.num_tokens,
         gather=lambda x: comm.gather(x, plan),
+        gather_async=lambda x: comm.gather_async(x, plan),
         moe=moe,
         cache_rows=None if prefix is None else prefix.cache_rows,
         **kw,
@@ -100,6 +101,7 @@ def cp_prefill(
     attn_impl: str = "sparse",
     kv_dtype: str = "auto",
     cache: KVCache | None = None,
+    overlap_gather: bool = True,
 ) -> PrefillOutput:
     """Run the prefill of `input_ids` (every rank passes the whole batch) on this rank's rows.
 
@@ -126,6 +128,7 @@ def cp_prefill(
     ctx = cp_context(
         plan, comm, make_moe_backend(moe_backend, comm, plan, model.cfg, deepep_impl, dtype), device, prefix,
         kernels=kernels or KernelSet(), timer=timer, attn_impl=attn_impl, kv_dtype=kv_dtype, cache=cache,
+        overlap_gather=overlap_gather,
         on_topk=(lambda layer, idx: captured.__setitem__(layer, idx)) if record_topk else None,
     )
     hidden_local = model(local_ids, ctx)
