@@ -19,14 +19,26 @@ def key_mask(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 def indexer_logits(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor | tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+    ks: torch.Tensor, ke: torch.Tensor,
 ) -> torch.Tensor:
     """Lightning-indexer scores: out[i, j] = sum_h weights[i, h] * relu(q[i, h] . k[j]) for
     ks[i] <= j < ke[i], -inf elsewhere.
 
     q [n, H, D], k [T, D], weights [n, H] fp32 (head weight and every constant folded in),
     ks/ke [n] -> [n, T] fp32. Computed in fp32 whatever the input dtype.
+
+    FP8 form (DeepGEMM's `fp8_mqa_logits`): q e4m3 [n, H, D] with its per-(token, head) scale
+    already folded into `weights`, and k a tuple (e4m3 values [T, D], fp32 scale [T]) as
+    `kv_fp8.quantize_index_k` returns it. Then out[i, j] = k_scale[j] * sum_h weights[i, h] *
+    relu(q[i, h] . k_values[j]): the dot runs on the e4m3 values, the key's (positive) scale is
+    applied after the head sum.
     """
+    if isinstance(k, (tuple, list)):
+        values, scale = k
+        scores = torch.einsum("nhd,td->nht", q.float(), values.float()).relu_()
+        logits = torch.einsum("nht,nh->nt", scores, weights.float()) * scale.float()[None, :]
+        return logits.masked_fill_(~key_mask(ks, ke, values.shape[0]), float("-inf"))
     scores = torch.einsum("nhd,td->nht", q.float(), k.float()).relu_()
     logits = torch.einsum("nht,nh->nt", scores, weights.float())
     return logits.masked_fill_(~key_mask(ks, ke, k.shape[0]), float("-inf"))
