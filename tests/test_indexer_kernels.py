@@ -168,17 +168,18 @@ def test_interp_logits_match_naive(n, T, H, D, dtype, nan_empty):
 
 
 @interp
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("config", range(5), ids=lambda i: f"config{i}")
-def test_interp_every_autotune_config(config, nan_empty):
+def test_interp_every_autotune_config(config, splits, nan_empty):
     from cp_attn.ops.indexer_triton import CONFIGS, indexer_logits
 
-    n, T, H, D = 6, 300, 64, 128
+    n, T, H, D = 9, 300, 32, 128
     q, k, w = logits_inputs(n, T, H, D, "fp8", seed=config)
-    ke = torch.arange(T - n, T) + 1                       # the last rows of a causal sequence
-    ks = torch.zeros(n, dtype=torch.long)
-    out = indexer_logits(q, k, w, ks, ke, config=CONFIGS[config])
+    ks, ke = ragged_ranges(n, T, torch.Generator().manual_seed(config))
+    ke[-2:] = torch.tensor([T - 1, T])                    # and two rows ending like causal ones
+    out = indexer_logits(q, k, w, ks, ke, config=CONFIGS[config], splits=splits)
     assert_logits_close(out, naive.indexer_logits(q, k, w, ks, ke), magnitude(q, k, w), FP32_SUM_REL,
-                        f"config {CONFIGS[config]}")
+                        f"config {CONFIGS[config]}, {splits} splits")
 
 
 @interp
@@ -216,18 +217,29 @@ def tie_scores(kind: str, n: int, T: int, g: torch.Generator) -> torch.Tensor:
 TIE_KINDS = ["gauss", "small_ints", "signed_zeros", "all_equal", "neg_inf", "sparse_inf"]
 
 
+# (block, sample, cap): one chunk per row; chunks of 16 (many chunks, unaligned range ends); the
+# sampled bracket (rows of >= 8 * 32 keys) with chunks of 64; the same with brackets over 8 keys
+# sent on to the radix select. Production uses chunks of 2048, samples of 1024 (rows of >= 8192
+# keys) and 4096 keys of scratch; the code paths are the same.
+TOPK_PATHS = {"radix_one_chunk": (None, 0, 1), "radix_chunks16": (16, 0, 1), "sampled": (64, 32, 4096),
+              "sampled_overflow": (64, 32, 8)}
+
+
 @interp
-@pytest.mark.parametrize("block", [None, 16], ids=["one_chunk", "chunks_of_16"])
-@pytest.mark.parametrize("K", [1, 7, 64])
+@pytest.mark.parametrize("path", list(TOPK_PATHS))
+@pytest.mark.parametrize("K", [1, 40])
 @pytest.mark.parametrize("kind", TIE_KINDS)
-def test_interp_topk_equals_naive(kind, K, block, nan_empty):
+def test_interp_topk_equals_naive(kind, K, path, nan_empty):
     from cp_attn.ops.topk_triton import topk_indices
 
-    n, T = 8, 150
+    n, T = 6, 400
     g = torch.Generator().manual_seed(K)
     scores = tie_scores(kind, n, T, g)
     ks, ke = ragged_ranges(n, T, g)
-    assert torch.equal(topk_indices(scores, ks, ke, K, block=block), naive.topk_indices(scores, ks, ke, K))
+    ks[-1], ke[-1] = 3, T - 2                              # a long row: sampled where sampling is on
+    block, sample, cap = TOPK_PATHS[path]
+    got = topk_indices(scores, ks, ke, K, block=block, sample=sample, cap=cap)
+    assert torch.equal(got, naive.topk_indices(scores, ks, ke, K))
 
 
 @interp
@@ -290,19 +302,23 @@ def v32_rows(n: int, T: int, device: str = "cuda") -> tuple[torch.Tensor, torch.
     return torch.cat([ks, extra_ks]).to(device), torch.cat([ke, extra_ke]).to(device)
 
 
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": "fp8"}
+# bf16 products are exact in fp32 and fp32 dots run in IEEE fp32: only the summation order differs.
+GPU_REL = {"fp32": FP32_SUM_REL, "bf16": FP32_SUM_REL, "fp8": FP8_MMA_REL}
+
+
 @on_gpu
-@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-@pytest.mark.parametrize("T", [4096, 65536], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype,T", [("fp32", 4096), ("bf16", 4096), ("bf16", 65536), ("fp8", 4096),
+                                     ("fp8", 65536)], ids=lambda v: str(v))
 @pytest.mark.usefixtures("nan_empty")
-def test_gpu_logits_match_naive(T, dtype):
+def test_gpu_logits_match_naive(dtype, T):
     from cp_attn.ops.indexer_triton import indexer_logits
 
     ks, ke = v32_rows(124, T)
-    q, k, w = logits_inputs(128, T, V32["H"], V32["D"], torch.bfloat16 if dtype == "bf16" else "fp8", 1, "cuda")
+    q, k, w = logits_inputs(128, T, V32["H"], V32["D"], GPU_DTYPES[dtype], 1, "cuda")
     out = indexer_logits(q, k, w, ks, ke)
     ref = naive.indexer_logits(q, k, w, ks, ke)
-    rel = FP32_SUM_REL if dtype == "bf16" else FP8_MMA_REL     # bf16 products are exact in fp32
-    assert_logits_close(out, ref, magnitude(q, k, w), rel, f"{dtype} T={T}")
+    assert_logits_close(out, ref, magnitude(q, k, w), GPU_REL[dtype], f"{dtype} T={T}")
 
 
 @on_gpu

@@ -18,10 +18,18 @@ twice). Inside computed blocks every row's own range is applied. Programs start 
 block: in a causal batch those rows have the longest ranges, which evens out the tail.
 
 Head counts that are not powers of two are padded (zero queries, zero weights); D is padded to a
-power of two >= 32 (fp8 wgmma needs K >= 32). fp32 inputs use IEEE fp32 dots (no TF32).
+power of two >= 32 (fp8 wgmma needs K >= 32).
+
+Every logit depends only on its own row and key, never on which rows share a program or how keys
+are split, so results are bit-identical across CP layouts for a fixed config. bf16/fp16/FP8 launches
+autotune among CONFIGS (per H, D, dtype and size bucket); fp32 inputs always use CONFIGS[0] with
+IEEE fp32 dots (no TF32): slow, exact products, and the same config on every rank, which is what
+the fp32 equality tests of a CP run need.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -32,14 +40,16 @@ FP8 = torch.float8_e4m3fn
 # (keys per block, query-row x head columns per block, warps, pipeline stages). The first fits the
 # interpreter and is the default; the autotuner picks among all of them on a GPU.
 CONFIGS = (
+    dict(BLOCK_N=64, BLOCK_QH=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_QH=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=64, BLOCK_QH=256, num_warps=4, num_stages=4),
     dict(BLOCK_N=128, BLOCK_QH=128, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_QH=256, num_warps=8, num_stages=3),
-    dict(BLOCK_N=256, BLOCK_QH=128, num_warps=16, num_stages=3),  # DeepGEMM's tile: 4 warpgroups
-    dict(BLOCK_N=64, BLOCK_QH=256, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_QH=128, num_warps=4, num_stages=4),
 )
 FILL = 512
 """Columns per -inf store outside the computed key blocks."""
+PROGRAMS_PER_SM = 16
+MIN_SPLIT_BLOCKS = 16
 
 
 @triton.jit
@@ -49,13 +59,16 @@ def _indexer_kernel(
     w_ptr, sw_n, sw_h,
     ks_ptr, ke_ptr,
     out_ptr, so_n,
-    n, T, H, D,
+    n, T, H,
     N_LOG2, T_LOG2,  # autotune keys only
-    H_PAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_QH: tl.constexpr, FILL_N: tl.constexpr,
 ):
+    # grid: (row blocks, splits); split `sp` of a row block takes one contiguous share of its
+    # computed key blocks and one share of its -inf columns.
     ROWS: tl.constexpr = BLOCK_QH // H_PAD
     q0 = (tl.cdiv(n, ROWS) - 1 - tl.program_id(0)) * ROWS  # last row block first
+    sp, splits = tl.program_id(1), tl.num_programs(1)
     rows = q0 + tl.arange(0, ROWS)
     row_ok = rows < n
     ks = tl.maximum(tl.load(ks_ptr + rows, mask=row_ok, other=0).to(tl.int32), 0)
@@ -65,6 +78,9 @@ def _indexer_kernel(
     hi = tl.max(tl.where(live, ke, 0), 0)
     start = (lo // BLOCK_N) * BLOCK_N
     end = tl.maximum(start + tl.cdiv(hi - start, BLOCK_N) * BLOCK_N, start)  # computed: [start, end)
+    share = tl.cdiv((end - start) // BLOCK_N, splits) * BLOCK_N
+    c_lo = start + sp * share
+    c_hi = tl.minimum(c_lo + share, end)
     out_rows = out_ptr + rows.to(tl.int64) * so_n
 
     # Query block, column c = (row c // H_PAD, head c % H_PAD); padded heads/dims load as zero.
@@ -78,7 +94,7 @@ def _indexer_kernel(
     q_t = tl.trans(q_tile)                                                                  # [D, QH]
 
     jn = tl.arange(0, BLOCK_N)
-    for j0 in range(start, end, BLOCK_N):
+    for j0 in range(c_lo, c_hi, BLOCK_N):
         j = j0 + jn
         k_tile = tl.load(k_ptr + j[:, None] * sk_t + d[None, :] * sk_d,
                          mask=(j[:, None] < T) & (d[None, :] < D), other=0.0)              # [N, D]
@@ -94,15 +110,17 @@ def _indexer_kernel(
         tl.store(out_rows[None, :] + j[:, None], tl.where(inr, logit, float("-inf")),
                  mask=row_ok[None, :] & (j[:, None] < T))
 
-    # -inf over [0, start) and [end, T).
+    # -inf over [0, start) and [end, T), seen as one run v in [0, fill) with the gap cut out.
+    fill = start + tl.maximum(T - end, 0)
+    f_share = tl.cdiv(tl.cdiv(fill, FILL_N), splits) * FILL_N
+    f_lo = sp * f_share
+    f_hi = tl.minimum(f_lo + f_share, fill)
     f = tl.arange(0, FILL_N)
     neg = tl.full((ROWS, FILL_N), float("-inf"), tl.float32)
-    for f0 in range(0, start, FILL_N):
-        jf = f0 + f
-        tl.store(out_rows[:, None] + jf[None, :], neg, mask=row_ok[:, None] & (jf[None, :] < start))
-    for f0 in range(end, T, FILL_N):
-        jf = f0 + f
-        tl.store(out_rows[:, None] + jf[None, :], neg, mask=row_ok[:, None] & (jf[None, :] < T))
+    for v0 in range(f_lo, f_hi, FILL_N):
+        v = v0 + f
+        jf = tl.where(v < start, v, v + (end - start))
+        tl.store(out_rows[:, None] + jf[None, :], neg, mask=row_ok[:, None] & (v[None, :] < f_hi))
 
 
 _tuned = triton.autotune(
@@ -131,17 +149,37 @@ def _check(q: torch.Tensor, k, weights: torch.Tensor, ks: torch.Tensor, ke: torc
     elif q.dtype != kv.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"q and k must share a 16/32-bit float dtype (or use the FP8 form), got "
                          f"{q.dtype} and {kv.dtype}")
-    if D > 256:
-        raise ValueError(f"head dim {D} > 256 is not supported")
+    if D > 256 or H > max(c["BLOCK_QH"] for c in CONFIGS):
+        raise ValueError(f"H={H}, D={D}: this kernel takes H <= 256 and D <= 256")
     return kv, (kscale.float().contiguous() if fp8 else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid(n: int, T: int, h_pad: int, block_n: int, block_qh: int, device: torch.device,
+          splits: int | None) -> tuple[int, int]:
+    """(row blocks, splits). By default each row block's keys are split over programs until the
+    grid holds PROGRAMS_PER_SM programs per SM, so wave quantisation and uneven ranges (a mixed
+    batch) cost little, while every split keeps >= MIN_SPLIT_BLOCKS key blocks of a full row."""
+    row_blocks = triton.cdiv(n, block_qh // h_pad)
+    if splits is None:
+        want = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), row_blocks)
+        splits = max(1, min(want, T // (MIN_SPLIT_BLOCKS * block_n)))
+    return row_blocks, splits
+
+
 def indexer_logits(q: torch.Tensor, k, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, splits: int | None = None) -> torch.Tensor:
     """Indexer scores [n, T] fp32 (see the module docstring and `naive.indexer_logits`).
 
-    `config` pins one entry of CONFIGS instead of autotuning; off CUDA (TRITON_INTERPRET=1) the
-    default is CONFIGS[0], since autotuning times on the GPU.
+    `config` pins one entry of CONFIGS instead of autotuning; fp32 inputs, and runs off CUDA
+    (TRITON_INTERPRET=1: autotuning times on the GPU), default to CONFIGS[0]. `splits` pins how many
+    programs share a row block's keys (default: see `_grid`).
     """
     kv, kscale = _check(q, k, weights, ks, ke)
     n, H, D = q.shape
@@ -153,16 +191,18 @@ def indexer_logits(q: torch.Tensor, k, weights: torch.Tensor, ks: torch.Tensor, 
     h_pad = triton.next_power_of_2(H)
     args = (q, *q.stride(), kv, *kv.stride(), kscale if kscale is not None else weights,
             weights, *weights.stride(), ks, ke, out, out.stride(0),
-            n, T, H, D, n.bit_length(), T.bit_length())
-    meta = dict(H_PAD=h_pad, BLOCK_D=max(32, triton.next_power_of_2(D)), HAS_SCALE=kscale is not None,
+            n, T, H, n.bit_length(), T.bit_length())
+    # D is a constant of the kernel: a runtime bound on the contiguous dim would stop the loads
+    # from vectorising, and with them the cp.async pipelining of the key blocks.
+    meta = dict(D=D, H_PAD=h_pad, BLOCK_D=max(32, triton.next_power_of_2(D)), HAS_SCALE=kscale is not None,
                 IEEE=q.dtype == torch.float32, FILL_N=FILL)
-    if config is None and q.device.type != "cuda":
+    if config is None and (q.device.type != "cuda" or q.dtype == torch.float32):
         config = CONFIGS[0]
     if config is None:
-        _tuned[lambda m: (triton.cdiv(n, max(1, m["BLOCK_QH"] // h_pad)),)](*args, **meta)
+        _tuned[lambda m: _grid(n, T, h_pad, m["BLOCK_N"], m["BLOCK_QH"], q.device, splits)](*args, **meta)
     else:
         if config["BLOCK_QH"] < h_pad:
             raise ValueError(f"config {config} has fewer columns than the {h_pad} (padded) heads")
-        grid = (triton.cdiv(n, config["BLOCK_QH"] // h_pad),)
+        grid = _grid(n, T, h_pad, config["BLOCK_N"], config["BLOCK_QH"], q.device, splits)
         _indexer_kernel[grid](*args, **meta, **config)
     return out
