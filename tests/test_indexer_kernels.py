@@ -43,7 +43,7 @@ def on_gpu(fn):
 # fp32 accumulation, any order: a D-term dot then an H-term head sum is off by at most
 # ~(D + H) * 2^-24 * mag = 1.1e-5 * mag at D=128, H=64; typical errors are ~100x smaller.
 FP32_SUM_REL = 2e-5
-# Hopper's fp8 wgmma keeps ~14 bits in its accumulator (DeepSeek-V3 report, section 3.3.2), over
+# Hopper's fp8 wgmma keeps ~14 bits in its accumulator (DeepSeek-V3 technical report), over
 # D/32 = 4 k-steps: <= 4 * 2^-13 * mag = 5e-4 * mag; 2e-3 leaves room, a wrong head, scale or key
 # is O(1).
 FP8_MMA_REL = 2e-3
@@ -333,6 +333,27 @@ def test_gpu_every_autotune_config(config):
         rel = FP32_SUM_REL if dtype == torch.bfloat16 else FP8_MMA_REL
         assert_logits_close(out, naive.indexer_logits(q, k, w, ks, ke), magnitude(q, k, w), rel,
                             f"{dtype} config {CONFIGS[config]}")
+
+
+def assert_independent_of_grouping(indexer_logits, q, k, w, ks, ke, **kw):
+    """Rows 2..n-3 scored on their own (other row blocks, other splits) equal, bit for bit, the same
+    rows scored within the whole batch: what lets a CP rank reproduce the single-GPU logits. (GPU
+    only: the interpreter's numpy matmul rounds a column differently by its place in the tile.)"""
+    full = indexer_logits(q, k, w, ks, ke, **kw)
+    sub = slice(2, q.shape[0] - 2)
+    part = indexer_logits(q[sub], k, w[sub], ks[sub], ke[sub], splits=3, **kw)
+    assert torch.equal(part, full[sub])
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+def test_gpu_logits_independent_of_row_grouping(dtype):
+    from cp_attn.ops.indexer_triton import CONFIGS, indexer_logits
+
+    ks, ke = v32_rows(124, 8192)
+    q, k, w = logits_inputs(128, 8192, V32["H"], V32["D"], GPU_DTYPES[dtype], 6, "cuda")
+    for config in ([None] if dtype == "fp32" else CONFIGS):   # fp32 always runs CONFIGS[0]
+        assert_independent_of_grouping(indexer_logits, q, k, w, ks, ke, config=config)
 
 
 @on_gpu

@@ -20,11 +20,12 @@ block: in a causal batch those rows have the longest ranges, which evens out the
 Head counts that are not powers of two are padded (zero queries, zero weights); D is padded to a
 power of two >= 32 (fp8 wgmma needs K >= 32).
 
-Every logit depends only on its own row and key, never on which rows share a program or how keys
-are split, so results are bit-identical across CP layouts for a fixed config. bf16/fp16/FP8 launches
-autotune among CONFIGS (per H, D, dtype and size bucket); fp32 inputs always use CONFIGS[0] with
-IEEE fp32 dots (no TF32): slow, exact products, and the same config on every rank, which is what
-the fp32 equality tests of a CP run need.
+A logit is computed the same way whatever rows share its program and however the keys are split
+(test_gpu_logits_independent_of_row_grouping checks it bit for bit), so for one config the result
+does not depend on the CP layout. bf16/fp16/FP8
+launches autotune among CONFIGS per (H, D, FP8 or not, size bucket), so two ranks may differ in the
+last bits; fp32 inputs always use CONFIGS[0] with IEEE fp32 dots (no TF32): slow, but the same
+numbers on every rank, which the fp32 equality tests of a CP run need.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ CONFIGS = (
 FILL = 512
 """Columns per -inf store outside the computed key blocks."""
 PROGRAMS_PER_SM = 16
+"""Default grid size target: enough programs that the last wave and uneven rows cost little."""
 MIN_SPLIT_BLOCKS = 16
+"""A split of a row block's keys covers at least this many key blocks of a full row."""
 
 
 @triton.jit
