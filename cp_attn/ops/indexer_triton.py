@@ -38,10 +38,13 @@ import triton.language as tl
 
 FP8 = torch.float8_e4m3fn
 
-# (keys per block, query-row x head columns per block, warps, pipeline stages). The first fits the
-# interpreter and is the default; the autotuner picks among all of them on a GPU.
+# (keys per block, query-row x head columns per block, warps, pipeline stages). The first is the
+# default off CUDA and for fp32; the autotuner picks among all of them on a GPU. Four-warp programs
+# of ~160 registers let 2-3 programs share an SM, so one's ReLU/head-sum epilogue overlaps another's
+# MMAs (Triton waits on each wgmma right away; there is no overlap inside one program).
 CONFIGS = (
     dict(BLOCK_N=64, BLOCK_QH=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=64, BLOCK_QH=128, num_warps=4, num_stages=2),   # bf16: 3 programs per SM fit
     dict(BLOCK_N=128, BLOCK_QH=128, num_warps=4, num_stages=4),
     dict(BLOCK_N=64, BLOCK_QH=256, num_warps=4, num_stages=4),
     dict(BLOCK_N=128, BLOCK_QH=128, num_warps=8, num_stages=3),

@@ -9,7 +9,7 @@ Scores become order-preserving uint32 keys (x + 0.0 makes -0.0 into +0.0, which 
 equal; then negatives flip every bit, positives the sign bit). Per row, L = ke - ks:
 
 * L <= K: write ks .. ke-1 and -1 padding; nothing is read.
-* Sampled bracket (L >= 8 S): sort S = 1024 scores read in runs of 16 spread over the row; its keys
+* Sampled bracket (L >= 4 S): sort S = 1024 scores read in runs of 16 spread over the row; its keys
   at sample ranks K S / L + (-4s-2, -s, +s, +4s+2) (s: the binomial standard deviation of that
   rank) are four thresholds. One pass counts the keys at or above each; the two thresholds around
   the K-th largest key bracket a few hundred keys, which a second pass copies to a scratch row.
@@ -42,7 +42,7 @@ MAX_BLOCK = 4096
 """Scores per chunk of a full-row pass (the packed cumsum of the tie pass needs < 65536)."""
 SAMPLE = 1024
 """Sampled scores per row (a power of two >= 32, read in runs of 16)."""
-SAMPLE_MIN_ROWS = 8
+SAMPLE_MIN_ROWS = 4
 """Rows shorter than SAMPLE_MIN_ROWS * SAMPLE skip sampling: the sort would cost more than it saves."""
 CAP = 4096
 """Most keys a bracket may hold to be copied to scratch; more go to the radix select."""
