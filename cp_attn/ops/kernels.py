@@ -27,9 +27,12 @@ STAGES = ("indexer_logits", "topk_indices", "sparse_mla")
 IMPLS: dict[str, dict[str, str]] = {
     "indexer_logits": {
         "torch": "cp_attn.ops.naive:indexer_logits",
+        "triton": "cp_attn.ops.indexer_triton:indexer_logits",
+        "deepgemm": "cp_attn.ops.deepgemm:indexer_logits",
     },
     "topk_indices": {
         "torch": "cp_attn.ops.naive:topk_indices",
+        "triton": "cp_attn.ops.topk_triton:topk_indices",
     },
     "sparse_mla": {
         "torch": "cp_attn.ops.naive:sparse_mla",
