@@ -47,13 +47,13 @@ def main(argv=None) -> None:
                                     peak_tflops=peak_bf16))
         records += sparse_mla.run(sizes, names, peak_bf16)
     if {"indexer_logits", "topk_indices"} & set(ops):
-        try:
-            from cp_attn.bench import indexer
-        except ImportError as e:
-            print(f"indexer benchmarks not available: {e}")
-        else:
-            records += indexer.run(sizes, names, peak_bf16=peak_bf16, peak_fp8=peak_fp8,
-                                   ops=[o for o in ops if o != "sparse_mla"])
+        from cp_attn.bench import indexer
+
+        for r in indexer.run(sorted({n for n, _ in sizes}), sorted({t for _, t in sizes})):
+            if (r["n"], r["keys"]) in sizes:
+                r["peak_tflops"] = peak_fp8 if r["op"].endswith("fp8") else peak_bf16
+                records.append(r)
+        print(indexer.table([r for r in records if r["op"].startswith(("indexer", "topk"))]))
     for r in records:
         r.setdefault("peak_tflops", peak_bf16)
         r.update(info, peak_bf16_tflops=peak_bf16, peak_fp8_tflops=peak_fp8)
