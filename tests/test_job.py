@@ -16,7 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from cp_attn.comm import Comm
-from cp_attn.job import run_job
+from cp_attn.job import run_job, save_atomic
 from cp_attn.runconfig import CPSpec, InputSpec, ModelSpec, MoESpec, OutputSpec, PrefillConfig, from_omegaconf
 from tests.spawn import run_ranks
 
@@ -114,6 +114,15 @@ def test_bad_input_fails_on_every_rank_before_any_collective(tmp_path):
     for rank, errors in enumerate(results):
         for name, (_, needle) in cases.items():
             assert needle in errors[name], f"rank {rank}, case {name}: {errors[name]!r} lacks {needle!r}"
+
+
+def test_logits_writer_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path):
+    path = tmp_path / "logits.pt"
+    save_atomic({"logits": [torch.ones(2, 3)]}, path)
+    with pytest.raises(Exception, match="lambda"):  # torch.save fails part-way: a lambda cannot be pickled
+        save_atomic({"logits": [torch.zeros(2, 3)], "bad": lambda: 0}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["logits.pt"]  # no temporary file left
+    assert torch.equal(torch.load(path)["logits"][0], torch.ones(2, 3))
 
 
 # ---- the README's main command ----------------------------------------------------------------------
