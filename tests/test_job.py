@@ -218,3 +218,8 @@ def test_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
     callstack = json.loads(path.read_text())["message"]["extraInfo"]["py_callstack"]
     assert callstack.startswith("Traceback") and "RuntimeError: a bug" in callstack
 
+
+def test_model_v32_needs_a_checkpoint():
+    assert _compose(["model=v32", "model.checkpoint=/ckpt/v32"]).model.preset == "v32"
+    with pytest.raises(ValueError, match=r"model\.checkpoint must be set"):
+        _compose(["model=v32"])  # random weights at the full size would be about 1.3 TB
