@@ -160,7 +160,8 @@ def test_readme_main_job_runs_and_matches_single_process(tmp_path):
 # check, and a Hydra config-group typo (raised before the task function runs).
 REFUSED = {
     "moe_backend": ("moe.backend=nope", "ValueError: unknown MoE backend 'nope'"),
-    "too_long": ("input.lengths=[4096]", "ValueError: input_ids[0] has 4096 tokens, more than max_position_embeddings=512"),
+    "too_long": ("input.lengths=[4096]",
+                 "ValueError: input_ids[0] has 4096 tokens, more than max_position_embeddings=512"),
     "config_group": ("moe=nope", "no config 'moe/nope'; the options in 'moe' are deepep, fused"),
 }
 LAST_LINES = 3  # torchrun's report closes with "  traceback : <reason>" and a "====" rule
