@@ -190,6 +190,19 @@ def test_runtime_dependencies_cover_what_the_job_and_scripts_import(tmp_path):
 # ---- the docs list what exists, and everything that exists -------------------------------------------------
 
 
+GENERATED = {"outputs", "multirun", "ckpt", "__pycache__"}  # git-ignored; hidden folders (.venv, .git) too
+
+
+def _repo_paths() -> set[str]:
+    """Paths (files and folders, relative to the root) of the repository, without generated folders."""
+    out = set()
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in GENERATED and not d.endswith(".egg-info")]
+        rel = Path(top).relative_to(ROOT)
+        out |= {str(rel / n) for n in dirs + files}
+    return out
+
+
 def _doc_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "cp_attn").rglob("README.md"))]
 
@@ -197,14 +210,11 @@ def _doc_files() -> list[Path]:
 @pytest.mark.parametrize("doc", _doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_name_only_files_in_the_repository(doc):
     names = set(re.findall(r"(?<![\w/.=-])([\w./-]+\.(?:md|py|sh|yaml|jsonl|ipynb))\b", doc.read_text()))
-    missing = []
-    for name in sorted(names):
-        if "/" in name:
-            found = (ROOT / name).exists() or (doc.parent / name).exists()
-        else:
-            found = any(ROOT.glob(f"**/{name}"))
-        if not found:
-            missing.append(name)
+    paths = _repo_paths()
+    here = doc.parent.relative_to(ROOT)
+    basenames = {Path(p).name for p in paths}
+    missing = [n for n in sorted(names) if not (n in paths or str(here / n) in paths
+                                                or ("/" not in n and n in basenames))]
     assert not missing, f"{doc.name} names files that are not in the repository: {missing}"
 
 
