@@ -12,7 +12,10 @@ owns a few experts (or a slice of each) reads only those.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import uuid
 import zlib
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -81,6 +84,9 @@ class SafetensorsSource:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if not self.path.is_dir():
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            raise FileNotFoundError(f"checkpoint directory {self.path} {what}")
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint {self.path} has no config.json")
         self.config = ModelConfig.from_json(self.path / "config.json")
@@ -241,11 +247,28 @@ def save_checkpoint(
     max_shard_bytes: int = 2 * 2**30,
 ) -> Path:
     """Write every tensor of `source` as an HF checkpoint: dtype 'fp32', 'bf16', or 'fp8' (e4m3
-    128x128 block-scaled for the weights DeepSeek ships in FP8, bf16 for the rest)."""
+    128x128 block-scaled for the weights DeepSeek ships in FP8, bf16 for the rest).
+
+    The files go to a hidden directory beside `path`, renamed to `path` once complete, so a failure
+    leaves no half-written checkpoint. `path` must not exist yet (an empty directory is fine)."""
     if dtype not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"unknown checkpoint dtype {dtype!r}; expected fp32, bf16 or fp8")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists; remove it or write the checkpoint elsewhere")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, source, dtype, max_shard_bytes)
+        os.replace(tmp, path)  # atomic; replaces an empty directory, never a full one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_checkpoint(path: Path, source: WeightSource, dtype: str, max_shard_bytes: int) -> None:
     cfg: ModelConfig = source.config
     hf = cfg.to_hf()
     hf["torch_dtype"] = "float32" if dtype == "fp32" else "bfloat16"
@@ -273,11 +296,10 @@ def save_checkpoint(
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
-        return path
+        return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
-    return path

@@ -235,5 +235,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     keeps V3.2's per-layer dims with fewer layers and experts (for single-node GPU benchmarks)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown} in the overrides of preset {name!r}")
     cfg = PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg

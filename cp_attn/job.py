@@ -39,6 +39,18 @@ def rank_rows(out, cp_size: int, mode: str) -> list[int]:
     return [sum(int((p.token_index(r) >= 0).sum()) for p in plans) for r in range(cp_size)]
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a hidden name beside `path`, renamed once complete: a failed or killed run
+    leaves no half-written file under the name the user asked for."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
     """Run one CP prefill on this rank. Returns the report (rank 0's carries the reference check).
 
@@ -134,7 +146,7 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
         logits = list(model.logits(hidden).split(rows))
         if cfg.output.logits:
             Path(cfg.output.logits).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"logits": [x.cpu() for x in logits]}, cfg.output.logits)
+            save_atomic({"logits": [x.cpu() for x in logits]}, Path(cfg.output.logits))
         if cfg.check:
             del model
             full = build_model(source, dtype=dtype, device=device, indexer_fp8_sim=cfg.model.indexer_fp8_sim,

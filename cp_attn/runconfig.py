@@ -124,6 +124,10 @@ def from_omegaconf(cfg) -> PrefillConfig:
 
     schema = OmegaConf.structured(PrefillConfig)
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    missing = sorted(OmegaConf.missing_keys(body))  # `???` in YAML; merge() would drop them silently
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set on the command line ({missing[0]}=...): "
+                         "the config leaves it ???")
     return OmegaConf.to_object(OmegaConf.merge(schema, body))
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import json
 
 from cp_attn.checkpoint import RandomSource, save_checkpoint
-from cp_attn.config import ModelConfig, preset
+from cp_attn.config import PRESETS, ModelConfig, preset
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -37,16 +37,20 @@ def parse_overrides(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="model shape: tiny or v32")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="model shape (cp_attn.config.PRESETS; default tiny); v32 is the full 671B model")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-gb", type=float, default=2.0, help="split into shards of at most this size")
     args = ap.parse_args(argv)
-    cfg = preset(args.preset, **parse_overrides(args.set))
-    path = save_checkpoint(args.out, RandomSource(cfg, args.seed), dtype=args.dtype,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+    try:
+        cfg = preset(args.preset, **parse_overrides(args.set))
+        path = save_checkpoint(args.out, RandomSource(cfg, args.seed), dtype=args.dtype,
+                               max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ValueError, FileExistsError) as e:  # a bad --set value, an --out that exists: one line
+        raise SystemExit(f"make_checkpoint.py: {e}") from None
     print(f"wrote {args.preset} ({args.dtype}, seed {args.seed}) to {path}")
 
 

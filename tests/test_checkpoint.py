@@ -363,6 +363,51 @@ def test_missing_config_or_weights(ckpts, tmp_path):
         SafetensorsSource(only_bin)
 
 
+def test_missing_directory_is_reported_as_missing(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory .*/nowhere does not exist"):
+        SafetensorsSource(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        SafetensorsSource(ckpts["fp32"] / "config.json")
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+class FailsAfter:
+    """A weight source that raises on its n-th tensor, like a run killed mid-write."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.config, self.left = inner, inner.config, n
+
+    def names(self) -> set[str]:
+        return self.inner.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("disk full")
+        return self.inner.get(name)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 200_000], ids=["single_file", "sharded"])
+def test_failed_write_leaves_nothing_behind(tmp_path, max_shard_bytes):
+    src = RandomSource(CFG, seed=0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path / "ck", FailsAfter(src, len(src.names()) - 1), max_shard_bytes=max_shard_bytes)
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory
+
+
+def test_writer_refuses_a_non_empty_target_and_fills_an_empty_one(ckpts, tmp_path):
+    before = sorted(p.name for p in ckpts["fp32"].iterdir())
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_checkpoint(ckpts["fp32"], RandomSource(CFG, seed=1))
+    assert sorted(p.name for p in ckpts["fp32"].iterdir()) == before
+    (tmp_path / "empty").mkdir()
+    out = save_checkpoint(tmp_path / "empty", RandomSource(CFG, seed=0), dtype="fp32")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
 def test_bad_token_id_fails_before_reading_weights(ckpts, monkeypatch):
     def no_reads(self, name):
         raise AssertionError(f"read {name} before validating the input")

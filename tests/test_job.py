@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+from cp_attn import cli
 from cp_attn.comm import Comm
-from cp_attn.job import run_job
+from cp_attn.job import run_job, save_atomic
 from cp_attn.runconfig import CPSpec, InputSpec, ModelSpec, MoESpec, OutputSpec, PrefillConfig, from_omegaconf
 from tests.spawn import run_ranks
 
@@ -85,6 +87,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                            "n_routed_experts (8)"),
         "token_id": ([f"input.file={tmp / 'oov.json'}"], "token id 999999"),
         "too_long": (["input.lengths=[5,600]"], "600 tokens"),
+        "model_override": (["++model.overrides.num_layers=2"], "['num_layers']"),
         "broken_json": ([f"input.file={tmp / 'broken.json'}"], "not valid JSON"),
         "no_input_ids": ([f"input.file={tmp / 'nokey.json'}"], "input_ids"),
         "empty_sequence": ([f"input.file={tmp / 'empty_seq.json'}"], "input_ids[1] is empty"),
@@ -162,6 +165,15 @@ def test_multirun_under_torchrun_is_refused_at_once(tmp_path):
     assert not (tmp_path / "mr" / "1").exists()  # the first job refused; no second one started
 
 
+def test_logits_writer_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path):
+    path = tmp_path / "logits.pt"
+    save_atomic({"logits": [torch.ones(2, 3)]}, path)
+    with pytest.raises(Exception, match="lambda"):  # torch.save fails part-way: a lambda cannot be pickled
+        save_atomic({"logits": [torch.zeros(2, 3)], "bad": lambda: 0}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["logits.pt"]  # no temporary file left
+    assert torch.equal(torch.load(path)["logits"][0], torch.ones(2, 3))
+
+
 # ---- the README's main command ----------------------------------------------------------------------
 
 
@@ -188,8 +200,73 @@ def test_readme_main_job_runs_and_matches_single_process(tmp_path):
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
 
 
+# ---- errors end on their reason ---------------------------------------------------------------------
+
+# override -> the one line that must end torchrun's output. Three kinds: a check in run_job, an input
+# check, and a Hydra config-group typo (raised before the task function runs).
+REFUSED = {
+    "moe_backend": ("moe.backend=nope", "ValueError: unknown MoE backend 'nope'"),
+    "too_long": ("input.lengths=[4096]",
+                 "ValueError: input_ids[0] has 4096 tokens, more than max_position_embeddings=512"),
+    "config_group": ("moe=nope", "no config 'moe/nope'; the options in 'moe' are deepep, fused"),
+}
+LAST_LINES = 3  # torchrun's report closes with "  traceback : <reason>" and a "====" rule
+
+
 @pytest.mark.multiproc
-def test_job_with_bad_mode_exits_nonzero_naming_it(tmp_path):
-    proc = _torchrun(["cp.mode=ring"], tmp_path)
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_request_ends_torchrun_output_on_its_reason(case, tmp_path):
+    override, reason = REFUSED[case]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "scripts/prefill.py",
+           f"hydra.run.dir={tmp_path / 'run'}", override]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
     assert proc.returncode != 0
-    assert "unknown CP split mode 'ring'" in proc.stdout + proc.stderr
+    tail = proc.stdout.rstrip().splitlines()[-LAST_LINES:]
+    assert any(reason in line for line in tail), "\n".join(tail)
+    # No rank prints a traceback; the one torchrun itself prints for ChildFailedError has no frame of ours.
+    assert proc.stdout.count("Traceback (most recent call last)") <= 1, proc.stdout
+    assert not re.search(r'File ".*(cp_attn|scripts)/', proc.stdout), proc.stdout
+
+
+def _error_file(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    monkeypatch.setattr(cli, "_traceback_wanted", False)
+    return path
+
+
+def test_refused_request_writes_one_line_for_torchrun_and_exits_1(tmp_path, monkeypatch, capsys):
+    path = _error_file(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info, cli.reasons_last():
+        run_job(_compose(["cp.mode=ring"]), Comm.single())
+    assert exit_info.value.code == 1
+    message = json.loads(path.read_text())["message"]
+    assert message["message"] == "ValueError: unknown CP split mode 'ring'; expected one of " \
+        "['in_seq', 'interleave', 'round_robin', 'zigzag']"
+    assert "py_callstack" not in message["extraInfo"]  # torchrun then quotes the message, not a traceback
+    assert capsys.readouterr().err == ""
+
+
+def test_refused_request_without_torchrun_prints_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr(cli, "_traceback_wanted", False)
+    with pytest.raises(SystemExit), cli.reasons_last():
+        _compose(["check=maybe"])
+    assert capsys.readouterr().err == "ValidationError: check: Value 'maybe' is not a valid bool (type str)\n"
+
+
+def test_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
+    path = _error_file(tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match="a bug"), cli.reasons_last():
+        raise RuntimeError("a bug")
+    callstack = json.loads(path.read_text())["message"]["extraInfo"]["py_callstack"]
+    assert callstack.startswith("Traceback") and "RuntimeError: a bug" in callstack
+
+
+def test_model_v32_needs_a_checkpoint():
+    assert _compose(["model=v32", "model.checkpoint=/ckpt/v32"]).model.preset == "v32"
+    with pytest.raises(ValueError, match=r"model\.checkpoint must be set"):
+        _compose(["model=v32"])  # random weights at the full size would be about 1.3 TB
