@@ -33,6 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chunked", nargs="+", default=None, metavar="LENGTH:CHUNK",
                     help="instead: one prompt of LENGTH tokens in one shot and in chunks of CHUNK over a KV cache "
                          "(TTFT, peak memory, cost of chunking)")
+    ap.add_argument("--profile", nargs="*", type=int, default=None,
+                    help="instead: the GPU kernels of one kernels=triton forward of v32_slim at these lengths")
     args = ap.parse_args(argv)
     chunked = [_length_chunk(ap, x) for x in args.chunked] if args.chunked is not None else None
     require_cuda("bench_prefill.py")
@@ -59,6 +61,12 @@ def main(argv=None) -> None:
                 emit(dict(kind="prefill_chunked_1gpu", model=name, **prefill.time_chunked_prefill(model, L, N, kernels, kv)))
             del model
             torch.cuda.empty_cache()
+        return
+    if args.profile is not None:
+        model = prefill.make_model("v32_slim")
+        for L in args.profile or [16384]:
+            for kv in args.kv_dtypes:
+                emit(dict(kind="prefill_profile", model="v32_slim", **prefill.profile_prefill(model, [L], kv_dtype=kv)))
         return
     if args.compare_kv is not None:
         model = prefill.make_model("v32_slim")

@@ -20,14 +20,17 @@ pytest.importorskip("triton")
 FP32_ATOL = 2e-5
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run under the interpreter
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = preset("tiny")
-    return build_model(RandomSource(cfg, seed=0)), random_prompts([37, 16, 5, 1], cfg.vocab_size, 0)
+    return build_model(RandomSource(cfg, seed=0), device=DEVICE), random_prompts([37, 16, 5, 1], cfg.vocab_size, 0)
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
-def test_triton_set_matches_torch_set(tiny, kv_dtype):
+def test_triton_set_matches_torch_set(tiny, kv_dtype, no_tf32):
     model, ids = tiny
     topk = {}
     for name in ("torch", "triton"):
@@ -40,6 +43,14 @@ def test_triton_set_matches_torch_set(tiny, kv_dtype):
     torch.testing.assert_close(topk["triton"][0], topk["torch"][0], atol=FP32_ATOL, rtol=0)
     for layer, idx in topk["torch"][1].items():
         assert torch.equal(topk["triton"][1][layer], idx), layer
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def test_stage_override_and_refusals():

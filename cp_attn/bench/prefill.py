@@ -147,3 +147,21 @@ def time_chunked_prefill(model, length: int, chunk_size: int, kernels: str = "tr
     if "one_shot_ttft_ms" in rec and "chunked_ttft_ms" in rec:
         rec["chunking_cost"] = rec["chunked_ttft_ms"] / rec["one_shot_ttft_ms"]
     return rec
+
+
+def profile_prefill(model, lengths: list[int], kernels: str = "triton", kv_dtype: str = "auto", top: int = 25) -> dict:
+    """One warm forward under torch.profiler: the GPU kernels that take the time, summed by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = random_prompts(lengths, model.cfg.vocab_size, seed=1)
+    kset = get_kernels(kernels)
+    run = lambda: cp_prefill(model, Comm.single(), ids, "in_seq", "fused", kernels=kset, kv_dtype=kv_dtype)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return {"lengths": lengths, "kernels": kernels, "kv_dtype": kv_dtype, "gpu_ms_total": total,
+            "top_kernels": [{"name": k[:90], "ms": ms, "calls": c, "share": ms / total} for k, ms, c in rows[:top]]}
