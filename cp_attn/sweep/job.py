@@ -11,6 +11,7 @@ experiments, sweeper params).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def run_sweep_job(cfg: DictConfig, job_dir: str | Path, script: str | Path) -> R
     log = job_dir / "job.log"
     result = run_torchrun(run.cp.size, script, ["--config-dir", str(job_dir), "--config-name", JOB_CONFIG],
                           timeout_s=sweep.job_timeout_s, log_path=log)
-    meta = dict(machine=machine_info(), commit=git_commit(Path(script).resolve().parent), time=started,
+    machine = {**machine_info(), "load_1m": round(os.getloadavg()[0], 2)}  # how busy the machine was
+    meta = dict(machine=machine, commit=git_commit(Path(script).resolve().parent), time=started,
                 wall_s=round(result.seconds, 2), log=str(log))
     config = record_config(run)
     if result.ok and report.is_file():

@@ -42,7 +42,8 @@ class Record:
     check: Optional[dict[str, float]] = None
     """{max_abs_diff, rel_l2_diff, argmax_match} against the single-process forward (check=true)."""
     machine: dict[str, Any] = field(default_factory=dict)
-    """CPU model and count, GPU name and count, torch and triton versions."""
+    """CPU model and count, GPU name and count, torch and triton versions; the 1-minute load average
+    when the job ended (`load_1m`: above the CPU count, other work shared the cores)."""
     commit: Optional[str] = None
     """`git rev-parse HEAD` of the code that ran, '+dirty' when the tree had changes."""
     time: Optional[str] = None
