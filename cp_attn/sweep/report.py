@@ -183,3 +183,9 @@ def machines(records: Sequence[Record]) -> list[str]:
         if line not in out:
             out.append(line)
     return out
+
+
+def load_summary(records: Sequence[Record]) -> str | None:
+    """'1-minute load average 0.8..5.2 while the jobs ran' when the records carry it."""
+    loads = [r.machine["load_1m"] for r in records if (r.machine or {}).get("load_1m") is not None]
+    return f"1-minute load average {min(loads):g}..{max(loads):g} while the jobs ran" if loads else None
