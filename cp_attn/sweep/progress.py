@@ -41,7 +41,7 @@ def describe(job_return: Any) -> str:
     if not rec.runnable:
         return f"❌ {rec.reason}"
     t = rec.ttft_ms
-    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:.4g} tok/s"
+    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:,.0f} tok/s"
 
 
 class SweepProgress(Callback):
