@@ -1,8 +1,8 @@
 """Turn sweep results into an ablation table, plots and, against a baseline, a verdict.
 
-    python scripts/report.py --results sweep.jsonl                                # the table
-    python scripts/report.py --results sweep.jsonl --out-md table.md --plots plots/
-    python scripts/report.py --results sweep.jsonl --baseline docs/benchmarks/baseline_cpu_tiny.jsonl
+    python scripts/report.py --results outputs/sweep.jsonl                                # the table
+    python scripts/report.py --results outputs/sweep.jsonl --out-md outputs/table.md --plots outputs/plots
+    python scripts/report.py --results outputs/sweep.jsonl --baseline outputs/baseline.jsonl
 
 Exits 1 when the guard finds a regression (cp_attn/sweep/guard.py says what counts), 0 otherwise.
 """

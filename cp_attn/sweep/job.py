@@ -30,7 +30,7 @@ JOB_CONFIG = "prefill_job"
 class SweepConfig(PrefillConfig):
     """The prefill job's fields, plus:"""
 
-    results: str = "sweep.jsonl"
+    results: str = "outputs/sweep.jsonl"
     """JSON-lines file every job appends its record to (cp_attn.sweep.records.Record)."""
     job_timeout_s: float = 600.0
     """Wall-clock limit of one job, start-up included; past it the job's processes are killed and
@@ -81,7 +81,8 @@ def job_config_yaml(run: PrefillConfig, run_dir: Path) -> str:
 def run_sweep_job(cfg: DictConfig, job_dir: str | Path, script: str | Path) -> Record:
     """Run the prefill `script` under torchrun for the configuration `cfg`, bounded by
     `job_timeout_s`; append the record to `results` and return it. A job that fails or hangs is a
-    record with runnable=false and a reason, never an exception."""
+    record with runnable=false and a reason, never an exception; one that fails after writing its
+    report is runnable, with the failure in `exit_error`."""
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     sweep, run = split_config(cfg)
@@ -98,8 +99,9 @@ def run_sweep_job(cfg: DictConfig, job_dir: str | Path, script: str | Path) -> R
     meta = dict(machine=machine, commit=git_commit(Path(script).resolve().parent), time=started,
                 wall_s=round(result.seconds, 2), log=str(log))
     config = record_config(run)
-    if result.ok and report.is_file():
+    if report.is_file():  # written after the last timed forward and the check: the run is complete
         record = from_report(config, json.loads(report.read_text()), **meta)
+        record.exit_error = None if result.ok else result.reason
     else:
         record = Record(config, runnable=False, reason=result.reason or "the job wrote no report", **meta)
     append_record(sweep.results, record)

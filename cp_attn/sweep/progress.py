@@ -41,7 +41,8 @@ def describe(job_return: Any) -> str:
     if not rec.runnable:
         return f"❌ {rec.reason}"
     t = rec.ttft_ms
-    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:,.0f} tok/s"
+    then = f"; then, on exit: {rec.exit_error}" if rec.exit_error else ""
+    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:,.0f} tok/s{then}"
 
 
 class SweepProgress(Callback):

@@ -52,6 +52,9 @@ class Record:
     """The job's wall time, start-up included."""
     log: Optional[str] = None
     """The job's log (its ranks' stdout and stderr)."""
+    exit_error: Optional[str] = None
+    """Set when the job failed only after rank 0 had written its complete report (a rank aborting in
+    process-group teardown, say): the configuration ran and its numbers stand, the exit did not."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Record":

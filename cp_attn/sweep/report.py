@@ -154,7 +154,10 @@ def markdown_table(records: Sequence[Record]) -> str:
         cells = [_cell(fmt_value(rec.config.get(k))) for k in vary]
         if rec.runnable:
             t = rec.ttft_ms
-            cells += [str(rec.tokens), "✅", f"{t['median']:.4g}", f"{t['min']:.4g}..{t['max']:.4g}",
+            mark = "✅"
+            if rec.exit_error:
+                mark += f"[^{notes.setdefault(f'ran, then failed on exit: {rec.exit_error}', len(notes) + 1)}]"
+            cells += [str(rec.tokens), mark, f"{t['median']:.4g}", f"{t['min']:.4g}..{t['max']:.4g}",
                       f"{rec.tokens_per_s:,.0f}", _x(speedup(cp1_reference(records, rec, keys), rec))]
             cells += [_x(speedup(partner(records, rec, k, keys), rec)) for k in partners]
         else:
