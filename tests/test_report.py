@@ -106,6 +106,15 @@ def test_split_mode_pairs_are_guarded_too():
                                                       "round_robin")]
 
 
+def test_a_partner_that_got_faster_is_no_regression():
+    base = _grid()
+    fused = _pick(base, 2, "in_seq", "fused")
+    v = compare(_replace(base, fused, scaled(fused, 1 / 3)), base, THRESHOLD)
+    assert v.ok, v.text()
+    assert [s.config for s in v.faster] == ["cp.size=2 cp.mode=in_seq moe.backend=fused"]
+    assert any("because fused got faster" in n for n in v.notes)
+
+
 def test_noise_alone_does_not_fail():
     base = _grid(spread=0.15)
     # every config 12% slower by median, but the repeats' ranges overlap the baseline's
