@@ -203,12 +203,18 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     indexer_fp8_sim: bool = False,
+    moe_impl: str = "auto",
 ):
-    """A Transformer holding the given experts / expert shard, with weights from `source`."""
+    """A Transformer holding the given experts / expert shard, with weights from `source`.
+    moe_impl: routed-expert path of every MoE layer ('loop' | 'grouped' | 'auto'); unless 'loop',
+    the experts are stacked for grouped GEMMs once the weights are in."""
     from cp_attn.model import Transformer
 
-    from cp_attn.model.moe import Gate
+    from cp_attn.model.moe import Gate, set_moe_impl
+    from cp_attn.model.moe_grouped import check_impl
     from cp_attn.model.rope import rope_inv_freq
+
+    check_impl(moe_impl)  # before any weight is read
 
     cfg = source.config
     with torch.device("meta"):
@@ -220,6 +226,7 @@ def build_model(
             mod.e_score_correction_bias = torch.empty(cfg.n_routed_experts, dtype=torch.float32, device=device)
     model.rope_inv_freq = rope_inv_freq(cfg).to(device)
     load_weights(model, source)
+    set_moe_impl(model, moe_impl)
     return model.eval().requires_grad_(False)
 
 

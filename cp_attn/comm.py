@@ -181,6 +181,22 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def subgroup(self, size: int) -> "Comm | None":
+        """A CP group of this group's first `size` ranks, so one set of processes can run several CP sizes.
+
+        Collective: every rank of this group calls it with the same sizes in the same order. Ranks outside
+        the new group get None. Size 1 needs no process group (`Comm.single()` on rank 0).
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.size:
+            raise ValueError(f"a subgroup of a group of {self.size} ranks needs 1 <= size <= {self.size}, got {size!r}")
+        if size == self.size:
+            return self
+        if size == 1:
+            return Comm.single() if self.rank == 0 else None
+        group = self.group if self.group is not None else dist.group.WORLD
+        sub = dist.new_group([dist.get_global_rank(group, r) for r in range(size)])
+        return Comm(sub) if self.rank < size else None
+
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
     """Join the torchrun group (env:// rendezvous) and return its Comm; a single process without

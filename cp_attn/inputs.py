@@ -12,9 +12,10 @@ import torch
 from cp_attn.config import ModelConfig
 
 
-def validate_batch(input_ids: Sequence[Sequence[int]], cfg: ModelConfig) -> list[list[int]]:
+def validate_batch(input_ids: Sequence[Sequence[int]], cfg: ModelConfig, allow_empty: bool = False) -> list[list[int]]:
     """A non-empty list of non-empty token-id lists, every id in the vocabulary and every sequence
-    within max_position_embeddings; ValueError naming the offending value otherwise."""
+    within max_position_embeddings; ValueError naming the offending value otherwise. `allow_empty`
+    admits empty sequences (a chunk over a KV cache may bring nothing new for some sequences)."""
     if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or len(input_ids) == 0:
         raise ValueError(f"input_ids must be a non-empty list of token-id lists, got {input_ids!r:.80}")
     out = []
@@ -23,7 +24,7 @@ def validate_batch(input_ids: Sequence[Sequence[int]], cfg: ModelConfig) -> list
             seq = seq.tolist()
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise ValueError(f"input_ids[{b}] must be a list of token ids, got {seq!r:.80}")
-        if len(seq) == 0:
+        if len(seq) == 0 and not allow_empty:
             raise ValueError(f"input_ids[{b}] is empty: every sequence needs at least one token")
         if len(seq) > cfg.max_position_embeddings:
             raise ValueError(f"input_ids[{b}] has {len(seq)} tokens, more than max_position_embeddings={cfg.max_position_embeddings}")

@@ -45,6 +45,8 @@ class MoESpec:
     """'fused' (all-gather, intermediate-dim shards, reduce-scatter) or 'deepep' (all-to-all)."""
     deepep_impl: str = "auto"
     """For deepep: 'auto' (deep_ep.Buffer when importable on NCCL), 'all_to_all', 'deep_ep'."""
+    impl: str = "auto"
+    """Routed experts: 'loop' (one expert at a time), 'grouped' (torch._grouped_mm), 'auto' (grouped where it runs)."""
 
 
 @dataclass
@@ -55,6 +57,9 @@ class InputSpec:
     """Lengths of the random sequences."""
     seed: int = 0
     """Seed of the random sequences."""
+    chunk_size: Optional[int] = None
+    """Prefill in chunks of at most this many tokens over a KV cache, several prompts per chunk as
+    SGLang packs them (cp_attn.parallel.chunked); reports TTFT per prompt. None: one shot."""
 
 
 @dataclass
@@ -63,6 +68,19 @@ class OutputSpec:
     """Where rank 0 saves {"logits": [fp32 [L_b, vocab] per sequence]} (torch.save); None: nowhere."""
     tokens: str = "all"
     """Whose logits rank 0 computes, checks and saves: 'all' tokens, or each sequence's 'last' ([1, vocab])."""
+
+
+@dataclass
+class KernelStages:
+    """Per-stage implementation overriding the kernel set's (None: the set's own; see
+    cp_attn.ops.kernels.IMPLS for the names, e.g. sparse_mla=flashmla)."""
+
+    indexer_logits: Optional[str] = None
+    """Indexer logits: torch | triton | deepgemm."""
+    topk_indices: Optional[str] = None
+    """Top-k: torch | triton."""
+    sparse_mla: Optional[str] = None
+    """Sparse MLA: torch | triton | flashmla."""
 
 
 @dataclass
@@ -77,7 +95,14 @@ class PrefillConfig:
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'."""
     kernels: str = "torch"
-    """Stage implementations (cp_attn.ops.kernels.KERNEL_SETS)."""
+    """Kernel set for the sparse-attention stages: 'torch' (plain-torch references) or 'triton'."""
+    kernel_stage: KernelStages = field(default_factory=KernelStages)
+    """Per-stage overrides of the kernel set."""
+    overlap_gather: bool = True
+    """Start each layer's KV all-gather before the query projections, so it runs behind them."""
+    kv_dtype: str = "auto"
+    """Gathered KV: 'auto' (the compute dtype), 'bf16', or 'fp8' (FlashMLA's 656-byte latent and a
+    132-byte index key, packed on the owning rank before the gather; FP8 indexer)."""
     backend: str = "auto"
     """Process-group backend: 'auto' (NCCL with CUDA, else gloo), 'gloo', 'nccl'."""
     timeout_s: float = 600.0

@@ -37,6 +37,7 @@ CP_ATOL = 2e-5
 HF_ATOL = 5e-5
 
 CP_SIZES = [1, 2, 3, 4]
+FP8_BATCH = "edges"  # the batch also run with kv_dtype=fp8 and with the gather not overlapped
 MODES = ["in_seq", "round_robin"]
 BACKENDS = ["fused", "deepep"]
 VOCAB = 512  # tests.hf_reference.tiny_hf_config
@@ -100,6 +101,11 @@ def _cp_worker(comm: Comm, ckpt: str) -> dict:
                     "experts_held": held,
                     "inter_held": model.layers[-1].mlp.shared_experts.gate_proj.weight.shape[0],
                 }
+            # the same forward with the KV gather not overlapped, and with the FP8 KV path
+            ids = BATCHES[FP8_BATCH]
+            for tag, kw in (("no_overlap", dict(overlap_gather=False)), ("fp8", dict(kv_dtype="fp8"))):
+                out = cp_prefill(model, comm, ids, mode, backend, record_topk=True, **kw)
+                results[tag, mode, backend] = {"logits": out.split(model.logits(out.hidden)), "topk": out.topk}
         variant = _variant_source()
         pl = expert_placement(backend, variant.config, comm.rank, comm.size)
         model = build_model(variant, expert_ids=pl.expert_ids, expert_shard=pl.expert_shard)
@@ -220,3 +226,28 @@ def test_batches_cover_the_edges():
 
     topk = tiny_hf_config().index_topk
     assert 1 in lens and any(1 < n < max(CP_SIZES) for n in lens) and any(n > topk for n in lens)
+
+
+@pytest.mark.parametrize("cp,mode,backend", CASES, ids=IDS)
+def test_overlapped_gather_changes_nothing(cp_runs, cp, mode, backend):
+    """Starting the KV gather before the query projections (the default) only reorders work: the
+    outputs are bitwise those of gather-then-project."""
+    for rank, res in enumerate(cp_runs(cp)):
+        base, got = res[mode, backend, FP8_BATCH], res["no_overlap", mode, backend]
+        for g, s in zip(got["logits"], base["logits"]):
+            assert torch.equal(g, s), f"rank {rank}"
+        for layer in base["topk"]:
+            assert torch.equal(got["topk"][layer], base["topk"][layer]), f"rank {rank}, layer {layer}"
+
+
+@pytest.mark.parametrize("cp,mode,backend", [c for c in CASES if c[0] > 1], ids=[i for c, i in zip(CASES, IDS) if c[0] > 1])
+def test_fp8_kv_matches_single_rank_fp8(cp_runs, cp, mode, backend):
+    """kv_dtype=fp8 under CP (each rank packs its rows, the gather moves bytes) equals one rank with
+    fp8: quantisation is per token, so where a token was packed cannot matter. Top-k exactly equal."""
+    ref = cp_runs(1)[0]["fp8", mode, backend]
+    for rank, res in enumerate(cp_runs(cp)):
+        got = res["fp8", mode, backend]
+        for b, (g, s) in enumerate(zip(got["logits"], ref["logits"])):
+            torch.testing.assert_close(g, s, atol=CP_ATOL, rtol=0, msg=lambda m: f"rank {rank}, sequence {b}: {m}")
+        for layer in ref["topk"]:
+            assert torch.equal(got["topk"][layer], ref["topk"][layer]), f"rank {rank}, layer {layer}"

@@ -89,6 +89,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no_input_ids": ([f"input.file={tmp / 'nokey.json'}"], "input_ids"),
         "empty_sequence": ([f"input.file={tmp / 'empty_seq.json'}"], "input_ids[1] is empty"),
         "kernels": (["kernels=cutlass"], "'cutlass'"),
+        "moe_impl": (["moe.impl=fast"], "'fast'"),
         "empty_lengths": (["input.lengths=[]"], "empty"),
         "repeat": (["repeat=0"], "repeat=0"),
         "output_tokens": (["output.tokens=first"], "'first'"),

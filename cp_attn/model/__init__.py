@@ -2,7 +2,7 @@
 
 from cp_attn.model.context import ForwardContext
 from cp_attn.model.mla import MLA, Indexer, hadamard_matrix
-from cp_attn.model.moe import Gate, MoE, moe_local
+from cp_attn.model.moe import Gate, MoE, moe_local, set_moe_impl
 from cp_attn.model.transformer import Block, Transformer
 
-__all__ = ["Block", "ForwardContext", "Gate", "Indexer", "MLA", "MoE", "Transformer", "hadamard_matrix", "moe_local"]
+__all__ = ["Block", "ForwardContext", "Gate", "Indexer", "MLA", "MoE", "Transformer", "hadamard_matrix", "moe_local", "set_moe_impl"]

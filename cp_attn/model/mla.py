@@ -16,6 +16,7 @@ Score I[t, s] = sum_h w[t, h] relu(q_I[t, h] . k_I[s]) with w = weights_proj(x) 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 import math
 
 import torch
@@ -27,9 +28,13 @@ from cp_attn.model.context import ForwardContext
 from cp_attn.model.layers import RMSNorm
 from cp_attn.model.rope import apply_rope_half, apply_rope_interleaved
 from cp_attn.ops.fp8 import fake_quant_e4m3_lastdim
+from cp_attn.ops.kv_fp8 import (
+    index_k_fp8_width, pack_index_k, pack_mla_kv, quantize_index_q, unpack_index_k, unpack_mla_kv,
+)
 from cp_attn.ops.oracle import dense_masked_attention, topk_mask
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, rope_dim / 2]
+IndexKeys = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [T, Di], or FP8 (e4m3 [T, Di], scale [T])
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,12 +82,19 @@ class Indexer(nn.Module):
         """[n, hidden] -> fp32 [n, Hi]: weights_proj(x) * Hi^-0.5 * Di^-0.5 (all constants folded in)."""
         return self.weights_proj(x).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
 
-    def select(
-        self, x: torch.Tensor, c_q: torch.Tensor, rope: Rope, keys: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        """Top-k key indices [n, K] into the gathered buffer `keys` [T, Di]; -1 where a row has fewer
-        than K causal keys. Query rows are scored `ctx.kernels.query_chunk` at a time."""
+    def prepare_queries(self, x: torch.Tensor, c_q: torch.Tensor, rope: Rope, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index queries and head weights of the local rows. With FP8 keys (`fp8`) the queries are
+        quantised too, one scale per (token, head), folded into the head weights."""
         q, w = self.queries(c_q, rope), self.head_weights(x)
+        if fp8:
+            q, q_scale = quantize_index_q(q)
+            w = w * q_scale
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: IndexKeys, ctx: ForwardContext) -> torch.Tensor:
+        """Top-k key indices [n, K] into the gathered buffer `keys` ([T, Di], or FP8 values and
+        per-key scales) for queries from `prepare_queries`; -1 where a row has fewer than K causal
+        keys. Query rows are scored `ctx.kernels.query_chunk` at a time."""
         kern, out = ctx.kernels, []
         for s in range(0, max(q.shape[0], 1), kern.query_chunk):
             sl = slice(s, s + kern.query_chunk)
@@ -159,24 +171,63 @@ class MLA(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
+    def start_gather_kv(self, latent: torch.Tensor, index_k: torch.Tensor, ctx: ForwardContext) -> Callable[[], tuple[torch.Tensor, IndexKeys]]:
+        """Start gathering this rank's latent [n, kv_lora + rope] and index keys [n, Di] to every
+        token, in global order, as ctx.kv_dtype stores them; the returned function waits for it.
+
+        One collective moves both: [latent | index key] per row, 704 values for V3.2; with fp8 each
+        rank packs its own rows first and 656 + 132 = 788 bytes per token travel (1408 in bf16), the
+        latent stays packed for sparse MLA and the index key arrives as e4m3 values and per-key scales."""
+        if ctx.kv_dtype == "fp8":
+            width = index_k_fp8_width(index_k.shape[-1])
+            pending = ctx.start_gather(torch.cat([pack_mla_kv(latent, self.kv_lora), pack_index_k(index_k)], dim=-1))
+
+            def finish_fp8():
+                packed = pending.wait()
+                latent_all, index_all = packed.split([packed.shape[-1] - width, width], dim=-1)
+                return latent_all, unpack_index_k(index_all)
+            return finish_fp8
+        rows = torch.cat([latent, index_k], dim=-1)
+        pending = ctx.start_gather(rows.to(torch.bfloat16) if ctx.kv_dtype == "bf16" else rows)
+
+        def finish():
+            return pending.wait().to(latent.dtype).split([latent.shape[-1], index_k.shape[-1]], dim=-1)
+        return finish
+
     def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        """x [n, hidden] (normed) -> attention output [n, hidden] for this rank's rows."""
+        """x [n, hidden] (normed) -> attention output [n, hidden] for this rank's rows.
+
+        The KV gather starts as soon as this rank's latent and index keys exist; the query-side
+        projections (c_q, index queries and head weights, the absorbed q) need no gathered data and
+        run while it is in flight (ctx.overlap_gather; off: they run after it)."""
         with ctx.stage("attn.proj"):
-            c_q = self.compress_q(x)
             latent = self.latent(x, rope)
             index_k = self.indexer.keys(x, rope)
-        with ctx.stage("attn.gather"):
-            # One collective for both: [latent | index key] per token, all tokens in global order.
-            both = ctx.gather(torch.cat([latent, index_k], dim=-1))
-            latent_all, index_k_all = both.split([latent.shape[-1], index_k.shape[-1]], dim=-1)
+            if ctx.overlap_gather:
+                finish_gather = self.start_gather_kv(latent, index_k, ctx)
+        if not ctx.overlap_gather:
+            with ctx.stage("attn.gather"):
+                kv = self.start_gather_kv(latent, index_k, ctx)()
+        with ctx.stage("attn.q_proj"):
+            c_q = self.compress_q(x)
+            iq, iw = self.indexer.prepare_queries(x, c_q, rope, fp8=ctx.kv_dtype == "fp8")
+            q = self.absorbed_q(c_q, rope) if ctx.attn_impl == "sparse" else None
+        if ctx.overlap_gather:
+            with ctx.stage("attn.gather"):  # only what the projections did not hide
+                kv = finish_gather()
+        latent_all, index_k_all = kv
+        if ctx.cache is not None:  # append the new rows in place; the keys are then every cached row
+            with ctx.stage("attn.cache"):
+                latent_all, index_k_all = ctx.cache.write(layer, ctx.cache_rows, latent_all, index_k_all)
         with ctx.stage("attn.indexer"):
-            topk = self.indexer.select(x, c_q, rope, index_k_all, ctx)
+            topk = self.indexer.select(iq, iw, index_k_all, ctx)
         if ctx.on_topk is not None:
             ctx.on_topk(layer, topk)
         with ctx.stage("attn.sparse_mla"):
             if ctx.attn_impl == "dense_mask":
-                return self.naive_attention(c_q, rope, latent_all, topk_mask(topk, ctx.num_tokens))
-            q = self.absorbed_q(c_q, rope)
+                if latent_all.dtype == torch.uint8:
+                    latent_all = unpack_mla_kv(latent_all, self.kv_lora, x.dtype)
+                return self.naive_attention(c_q, rope, latent_all, topk_mask(topk, latent_all.shape[0]))
             o_latent, _ = ctx.kernels.sparse_mla(q, latent_all, topk, self.softmax_scale, self.kv_lora)
         with ctx.stage("attn.out_proj"):
             return self.output(o_latent)

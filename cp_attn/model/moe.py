@@ -7,6 +7,10 @@ Gate (fp32), E experts in n_group groups:
     s = sigmoid(x W_g^T);  b = s + e_score_correction_bias           (b only for selection)
     group score = sum of its top-2 b; keep topk_group groups (others -inf); top-k experts by b
     w = s[idx] / sum s[idx] (if norm_topk_prob) * routed_scaling_factor
+
+Routed experts run one of two ways, chosen by `MoE.impl` ('loop' | 'grouped' | 'auto'):
+`routed_loop` (one expert at a time: the readable reference) or `routed_grouped` (rows sorted by
+expert once, two grouped GEMMs over stacked weights: cp_attn.model.moe_grouped).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from cp_attn.config import ModelConfig
 from cp_attn.model.layers import SwiGLU
+from cp_attn.model.moe_grouped import StackedExperts, check_impl, resolve_impl, routed_grouped, stack_experts
 
 
 class Gate(nn.Module):
@@ -48,27 +53,55 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (those in `expert_ids`) + the shared expert, each possibly an intermediate shard."""
+    """Routed experts (those in `expert_ids`) + the shared expert, each possibly an intermediate shard.
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int] | None = None, shard: tuple[int, int] = (0, 1)):
+    impl: 'loop', 'grouped' or 'auto' (grouped where torch._grouped_mm runs the device and dtype).
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int] | None = None, shard: tuple[int, int] = (0, 1),
+                 impl: str = "auto"):
         super().__init__()
         ids = range(cfg.n_routed_experts) if expert_ids is None else sorted(set(expert_ids))
         if any(not 0 <= e < cfg.n_routed_experts for e in ids):
             raise ValueError(f"expert ids {list(ids)} outside [0, {cfg.n_routed_experts})")
+        self.n_experts = cfg.n_routed_experts
+        self.impl = check_impl(impl)
         self.gate = Gate(cfg)
         self.experts = nn.ModuleDict({str(e): SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size, shard) for e in ids})
         self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, shard)
+        self._stack: StackedExperts | None = None
 
     @property
     def expert_ids(self) -> list[int]:
         return [int(e) for e in self.experts]
 
+    def stack_experts(self) -> StackedExperts:
+        """Stack the held experts' weights for the grouped path; their per-expert parameters become
+        views of the stack (same state-dict names, no second copy). Called after loading; `stacked`
+        redoes it when the views were broken (module.to(), a replaced Parameter)."""
+        self._stack = stack_experts({int(e): m for e, m in self.experts.items()}, self.n_experts)
+        return self._stack
+
+    def stacked(self) -> StackedExperts:
+        """The stack, rebuilt if the first or last expert's weights no longer live in it."""
+        first, last = next(iter(self.experts.values())), list(self.experts.values())[-1]
+        s = self._stack
+        if s is None or not (s.backs(0, first) and s.backs(s.num_experts - 1, last)):
+            s = self.stack_experts()
+        return s
+
     def routed(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[:, k] * Expert_{expert_idx[:, k]}(x) over the experts this layer holds.
 
-        x [n, hidden], expert_idx [n, k] global expert ids (-1 or not-held ids are skipped),
-        weights [n, k] fp32 -> [n, hidden] in x's dtype (accumulated in fp32).
+        x [n, hidden], expert_idx [n, k] global expert ids in [-1, n_routed_experts) (-1 and ids not
+        held here add nothing), weights [n, k] fp32 -> [n, hidden] in x's dtype (accumulated in fp32).
         """
+        if resolve_impl(self.impl, x.device, x.dtype) == "grouped":
+            return self.routed_grouped(x, expert_idx, weights)
+        return self.routed_loop(x, expert_idx, weights)
+
+    def routed_loop(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`routed`, one expert at a time (the reference; one host sync per expert in nonzero)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, expert in self.experts.items():
             rows, slot = (expert_idx == int(e)).nonzero(as_tuple=True)
@@ -78,8 +111,24 @@ class MoE(nn.Module):
             out.index_add_(0, rows, y)
         return out.to(x.dtype)
 
+    def routed_grouped(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`routed` through grouped GEMMs over the stacked experts, whatever `impl` says."""
+        if not self.experts:
+            return torch.zeros_like(x)
+        return routed_grouped(self.stacked(), x, expert_idx, weights).to(x.dtype)
+
 
 def moe_local(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Single-process MoE: every expert is here."""
     idx, w = moe.gate(x)
     return moe.routed(x, idx, w) + moe.shared_experts(x)
+
+
+def set_moe_impl(model: nn.Module, impl: str) -> None:
+    """Set `impl` on every MoE layer of `model`, stacking the experts now unless it is 'loop'."""
+    check_impl(impl)
+    for mod in model.modules():
+        if isinstance(mod, MoE):
+            mod.impl = impl
+            if impl != "loop" and mod.experts:
+                mod.stack_experts()

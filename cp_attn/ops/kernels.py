@@ -27,13 +27,17 @@ STAGES = ("indexer_logits", "topk_indices", "sparse_mla")
 IMPLS: dict[str, dict[str, str]] = {
     "indexer_logits": {
         "torch": "cp_attn.ops.naive:indexer_logits",
+        "triton": "cp_attn.ops.indexer_triton:indexer_logits",
+        "deepgemm": "cp_attn.ops.deepgemm:indexer_logits",
     },
     "topk_indices": {
         "torch": "cp_attn.ops.naive:topk_indices",
+        "triton": "cp_attn.ops.topk_triton:topk_indices",
     },
     "sparse_mla": {
         "torch": "cp_attn.ops.naive:sparse_mla",
         "triton": "cp_attn.ops.sparse_mla_triton:sparse_mla",
+        "flashmla": "cp_attn.ops.flashmla:sparse_mla",
     },
 }
 """stage -> implementation name -> "module:function"."""
@@ -61,8 +65,13 @@ KERNEL_SETS = ("torch", "triton")
 
 
 def _load(spec: str) -> Callable:
+    """Import "module:function"; an adapter module's `load()` raises ImportError when its vendor
+    package is missing, so that surfaces here rather than at the first call."""
     module, fn = spec.split(":")
-    return getattr(importlib.import_module(module), fn)
+    mod = importlib.import_module(module)
+    if hasattr(mod, "load"):
+        mod.load()
+    return getattr(mod, fn)
 
 
 def get_kernels(name: str = "torch", overrides: Mapping[str, str | None] | None = None,

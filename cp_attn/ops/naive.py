@@ -19,14 +19,26 @@ def key_mask(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 def indexer_logits(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor | tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+    ks: torch.Tensor, ke: torch.Tensor,
 ) -> torch.Tensor:
     """Lightning-indexer scores: out[i, j] = sum_h weights[i, h] * relu(q[i, h] . k[j]) for
     ks[i] <= j < ke[i], -inf elsewhere.
 
     q [n, H, D], k [T, D], weights [n, H] fp32 (head weight and every constant folded in),
     ks/ke [n] -> [n, T] fp32. Computed in fp32 whatever the input dtype.
+
+    FP8 form (DeepGEMM's `fp8_mqa_logits`): q e4m3 [n, H, D] with its per-(token, head) scale
+    already folded into `weights`, and k a tuple (e4m3 values [T, D], fp32 scale [T]) as
+    `kv_fp8.quantize_index_k` returns it. Then out[i, j] = k_scale[j] * sum_h weights[i, h] *
+    relu(q[i, h] . k_values[j]): the dot runs on the e4m3 values, the key's (positive) scale is
+    applied after the head sum.
     """
+    if isinstance(k, (tuple, list)):
+        values, scale = k
+        scores = torch.einsum("nhd,td->nht", q.float(), values.float()).relu_()
+        logits = torch.einsum("nht,nh->nt", scores, weights.float()) * scale.float()[None, :]
+        return logits.masked_fill_(~key_mask(ks, ke, values.shape[0]), float("-inf"))
     scores = torch.einsum("nhd,td->nht", q.float(), k.float()).relu_()
     logits = torch.einsum("nht,nh->nt", scores, weights.float())
     return logits.masked_fill_(~key_mask(ks, ke, k.shape[0]), float("-inf"))
@@ -68,7 +80,13 @@ def sparse_mla(
     d_v columns are the values), indices [n, K] into kv with -1 = skip.
     Returns out [n, H, d_v] in q's dtype and lse [n, H] fp32 (natural log). A row with no valid
     index gets out = 0 and lse = -inf. Rows are processed `chunk` at a time to bound memory.
+    FP8 KV: kv may be uint8 [T, W] rows in cp_attn.ops.kv_fp8's layout (656 bytes for V3.2), which
+    are dequantised to q's dtype first (the kernels read the same bytes).
     """
+    if kv.dtype == torch.uint8:
+        from cp_attn.ops.kv_fp8 import unpack_mla_kv
+
+        kv = unpack_mla_kv(kv, d_v, q.dtype)
     n, H, _ = q.shape
     out = q.new_empty((n, H, d_v))
     lse = torch.empty((n, H), dtype=torch.float32, device=q.device)
@@ -76,6 +94,7 @@ def sparse_mla(
         idx = indices[s : s + chunk].long()
         valid = (idx >= 0) & (idx < kv.shape[0])
         sel = kv[idx.clamp(0, kv.shape[0] - 1)].float()                       # [c, K, Dqk]
+        sel.masked_fill_(~valid[..., None], 0.0)  # skipped slots read row 0: never let it in (0 * NaN)
         scores = torch.einsum("chd,ckd->chk", q[s : s + chunk].float(), sel) * sm_scale
         scores.masked_fill_(~valid[:, None, :], float("-inf"))
         row_lse = scores.logsumexp(-1)                                        # [c, H]
