@@ -16,7 +16,7 @@ from pathlib import Path
 from cp_attn.sweep.guard import compare
 from cp_attn.sweep.plots import write_plots
 from cp_attn.sweep.records import load_records
-from cp_attn.sweep.report import load_summary, machines, markdown_table
+from cp_attn.sweep.report import render_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     results = load_records(args.results)
-    md = markdown_table(results) + "\nMachine: " + "; ".join(machines(results))
-    md += f" ({load_summary(results)})\n" if load_summary(results) else "\n"
+    md = render_markdown(results)
     verdict = compare(results, load_records(args.baseline), args.threshold) if args.baseline else None
     if verdict is not None:
         md += f"\nAgainst `{args.baseline}`:\n\n```\n{verdict.text()}```\n"

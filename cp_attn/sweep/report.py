@@ -192,3 +192,10 @@ def load_summary(records: Sequence[Record]) -> str | None:
     """'1-minute load average 0.8..5.2 while the jobs ran' when the records carry it."""
     loads = [r.machine["load_1m"] for r in records if (r.machine or {}).get("load_1m") is not None]
     return f"1-minute load average {min(loads):g}..{max(loads):g} while the jobs ran" if loads else None
+
+
+def render_markdown(records: Sequence[Record]) -> str:
+    """The table, then the machines and load it ran on: what scripts/report.py prints and
+    docs/benchmarks.md shows (scripts/bench_tables.py)."""
+    load = load_summary(records)
+    return markdown_table(records) + "\nMachine: " + "; ".join(machines(records)) + (f" ({load})" if load else "") + "\n"
