@@ -85,11 +85,19 @@ def moe(path: str) -> str:
     return md(["op", "backend", "rows", "experts", "ms", "TFLOP/s", "of peak"], rows)
 
 
+def sweep(path: str) -> str:
+    """A results file of scripts/sweep.py, as scripts/report.py renders it."""
+    from cp_attn.sweep.records import load_records
+    from cp_attn.sweep.report import render_markdown
+
+    return render_markdown(load_records(ROOT / path)).rstrip()
+
+
 def _lens(lengths: list[int]) -> str:
     return str(lengths[0]) if len(lengths) == 1 else f"{sum(lengths)} ({len(lengths)} seqs)"
 
 
-RENDER = {"kernels": kernels, "tune": tune, "prefill": prefill, "kv_accuracy": kv_accuracy, "moe": moe}
+RENDER = {"kernels": kernels, "tune": tune, "prefill": prefill, "kv_accuracy": kv_accuracy, "moe": moe, "sweep": sweep}
 MARK = re.compile(r"<!-- table:(\w+) (\S+) -->\n.*?<!-- /table:\1 -->", re.S)
 
 

@@ -1,8 +1,8 @@
 """Turn sweep results into an ablation table, plots and, against a baseline, a verdict.
 
-    python scripts/report.py --results sweep.jsonl                                # the table
-    python scripts/report.py --results sweep.jsonl --out-md table.md --plots plots/
-    python scripts/report.py --results sweep.jsonl --baseline docs/benchmarks/baseline_cpu_tiny.jsonl
+    python scripts/report.py --results outputs/sweep.jsonl                                # the table
+    python scripts/report.py --results outputs/sweep.jsonl --out-md outputs/table.md --plots outputs/plots
+    python scripts/report.py --results outputs/sweep.jsonl --baseline outputs/baseline.jsonl
 
 Exits 1 when the guard finds a regression (cp_attn/sweep/guard.py says what counts), 0 otherwise.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from cp_attn.sweep.guard import compare
 from cp_attn.sweep.plots import write_plots
 from cp_attn.sweep.records import load_records
-from cp_attn.sweep.report import machines, markdown_table
+from cp_attn.sweep.report import render_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     results = load_records(args.results)
-    md = markdown_table(results) + "\nMachine: " + "; ".join(machines(results)) + "\n"
+    md = render_markdown(results)
     verdict = compare(results, load_records(args.baseline), args.threshold) if args.baseline else None
     if verdict is not None:
         md += f"\nAgainst `{args.baseline}`:\n\n```\n{verdict.text()}```\n"

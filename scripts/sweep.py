@@ -1,8 +1,8 @@
 """Sweep prefill configurations: one torchrun job per configuration, one JSON record per job.
 
-    python scripts/sweep.py -m cp.size=1,2 cp=in_seq,round_robin moe=fused,deepep repeat=5 results=sweep.jsonl
-    python scripts/sweep.py -m +experiment=cpu_tiny results=sweep.jsonl        # a preset grid (conf/experiment/)
-    python scripts/report.py --results sweep.jsonl                               # table, plots, guard
+    python scripts/sweep.py -m cp.size=1,2 cp=in_seq,round_robin moe=fused,deepep repeat=5 results=outputs/sweep.jsonl
+    python scripts/sweep.py -m +experiment=cpu_tiny results=outputs/sweep.jsonl  # a preset grid (conf/experiment/)
+    python scripts/report.py --results outputs/sweep.jsonl  # table, plots, guard
 
 Run it without torchrun: each job starts its own `cp.size` ranks (gloo on CPU, NCCL on GPUs).
 Every field of scripts/prefill.py's config can be swept; `job_timeout_s` bounds each job.

@@ -137,6 +137,8 @@ def test_repeats_per_rank_report_file_and_last_token_logits(tmp_path):
         _compose(["repeat=3", "warmup=1", f"report={report}", "cp=round_robin"]),
         _compose([f"output.logits={full}", "cp=round_robin"]),
         _compose([f"output.logits={last}", "output.tokens=last", "check=true", "cp=round_robin"]),
+        # the check's reference runs with the job's own KV dtype (a reference in fp32 KV would differ by FP8 rounding)
+        _compose(["output.tokens=last", "check=true", "kv_dtype=fp8"]),
     ]
     rank0, rank1 = run_ranks(_jobs_worker, 2, cfgs, timeout=120)
     timed = rank0[0]
@@ -155,6 +157,7 @@ def test_repeats_per_rank_report_file_and_last_token_logits(tmp_path):
     for b, (x, y) in enumerate(zip(every, ends)):
         torch.testing.assert_close(y[0], x[-1], rtol=0, atol=0, msg=f"sequence {b}")
     assert rank0[2]["max_abs_diff"] < CP_ATOL and rank0[2]["argmax_match"] == 1.0
+    assert rank0[3]["kv_dtype"] == "fp8" and rank0[3]["max_abs_diff"] < CP_ATOL
 
 
 @pytest.mark.multiproc

@@ -106,6 +106,15 @@ def test_split_mode_pairs_are_guarded_too():
                                                       "round_robin")]
 
 
+def test_a_partner_that_got_faster_is_no_regression():
+    base = _grid()
+    fused = _pick(base, 2, "in_seq", "fused")
+    v = compare(_replace(base, fused, scaled(fused, 1 / 3)), base, THRESHOLD)
+    assert v.ok, v.text()
+    assert [s.config for s in v.faster] == ["cp.size=2 cp.mode=in_seq moe.backend=fused"]
+    assert any("because fused got faster" in n for n in v.notes)
+
+
 def test_noise_alone_does_not_fail():
     base = _grid(spread=0.15)
     # every config 12% slower by median, but the repeats' ranges overlap the baseline's
@@ -161,13 +170,17 @@ def test_table_marks_failures_with_shared_footnotes_and_gives_speedups():
     for size in (2, 4):
         old = _pick(recs, size, "round_robin", "deepep")
         recs = _replace(recs, old, Record(old.config, False, reason=oom, machine=MACHINE))
+    aborted = _pick(recs, 1, "in_seq", "fused")  # ran and reported, then a rank aborted in teardown
+    recs = _replace(recs, aborted, Record(**{**aborted.__dict__, "exit_error": "rank 1 killed by SIGABRT"}))
     md = markdown_table(recs)
     rows = {line.split(" | ")[0].strip("| ") + " " + " ".join(line.split(" | ")[1:3]): line
             for line in md.splitlines() if line.startswith("| ") and "---" not in line}
     header = md.splitlines()[0]
     assert header.startswith("| cp.size | cp.mode | moe.backend | tokens | runs | TTFT ms")
     assert header.endswith("| vs cp 1 | vs other backend | vs other mode |")
-    assert md.count("❌[^1]") == 2 and md.count(f"[^1]: {oom}") == 1
+    assert md.count("❌[^2]") == 2 and md.count(f"[^2]: {oom}") == 1
+    assert "| 1 | in_seq | fused | 59 | ✅[^1] | 100 |" in md
+    assert "[^1]: ran, then failed on exit: rank 1 killed by SIGABRT" in md
     cells = [c.strip() for c in rows["4 in_seq deepep"].strip("|").split("|")]
     # TTFT 25 * 0.95 ms; cp 1 ran in 100 ms; fused at cp 4 in 25 ms; round_robin deepep did not run
     assert cells[3:] == ["59", "✅", "23.75", "23.51..23.99", "2,484", "4.21x", "1.05x", ""]

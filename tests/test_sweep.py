@@ -19,14 +19,15 @@ import psutil
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 
 from cp_attn.layout import plan_split
 from cp_attn.runconfig import PrefillConfig
 from cp_attn.sweep.job import SWEEP_FIELDS, SweepConfig, job_config_yaml, split_config
 from cp_attn.sweep.launch import LaunchResult, RankFailure, failure_reason, last_exception
-from cp_attn.sweep.progress import count_jobs
-from cp_attn.sweep.records import load_records
+from cp_attn.sweep.progress import SweepProgress, count_jobs
+from cp_attn.sweep.records import Record, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -219,6 +220,23 @@ def test_count_jobs_multiplies_sweeps_and_the_command_line_wins():
     tiny = _compose(["+experiment=cpu_tiny"])
     assert count_jobs(_with_cli(tiny, ["+experiment=cpu_tiny"])) == 16  # 2 sizes x 2 modes x 2 backends x 2 inputs
     assert count_jobs(_with_cli(tiny, ["+experiment=cpu_tiny", "cp.size=2", "moe=deepep"])) == 4
+
+
+@pytest.mark.parametrize("num", [3, "???"], ids=["multirun", "single_run"])
+def test_progress_prints_one_line_per_job(num, capsys):
+    rec = Record({"cp.size": 2}, True, ttft_ms={"median": 12.0, "min": 11.0, "max": 15.0}, tokens_per_s=4916.7,
+                 exit_error="rank 1 killed by SIGABRT")
+    done = JobReturn(overrides=["cp.size=2", "results=x.jsonl"], status=JobStatus.COMPLETED, _return_value=rec)
+    failed = JobReturn(overrides=["cp.mode=ring"], status=JobStatus.COMPLETED,
+                       _return_value=Record({}, False, reason="ValueError: unknown CP split mode 'ring'"))
+    progress = SweepProgress()
+    for job in (done, failed):
+        progress.on_job_end(config=OmegaConf.create({"hydra": {"job": {"num": num}}}), job_return=job)
+    prefix = "#3 " if num == 3 else ""
+    assert capsys.readouterr().out.splitlines() == [
+        f"{prefix}cp.size=2: ✅ 12 ms (11 .. 15), 4,917 tok/s; then, on exit: rank 1 killed by SIGABRT",
+        f"{prefix}cp.mode=ring: ❌ ValueError: unknown CP split mode 'ring'"]
+    assert (progress.ran, progress.failed) == (1, 1)
 
 
 def test_failure_reasons_name_the_cause():

@@ -5,11 +5,12 @@ It fails on
 - a pair of partner configurations (cp_attn.sweep.report.PARTNERS: the deepep path against the fused
   one at the same cp and input, as in SGLang issue 22379; round_robin against in_seq) whose TTFT ratio
   moved by more than the threshold against one of them, beyond noise, even when each alone stays
-  inside the threshold;
+  inside the threshold; unless the other got faster by more than the threshold, which explains the
+  move (it is listed as a note);
 - a configuration that ran in the baseline and fails now;
 - a configuration of the baseline with no result now (a regression can hide in a configuration
   that is no longer measured).
-Configurations only the results have are listed, and do not fail it.
+Configurations only the results have, and configurations that got faster, are listed and do not fail it.
 
 Noise: every record carries the min and max of its repeats. A change counts only when the ranges
 do not overlap: for a configuration, the fastest repeat now is slower than the slowest baseline
@@ -29,7 +30,9 @@ from cp_attn.sweep.report import (
 
 
 @dataclass
-class Slower:
+class Change:
+    """A configuration whose median TTFT moved beyond the threshold and the noise."""
+
     config: str
     base_ms: float
     now_ms: float
@@ -59,8 +62,10 @@ class Verdict:
     threshold: float
     matched: int = 0
     """Configurations found on both sides."""
-    slower: list[Slower] = field(default_factory=list)
+    slower: list[Change] = field(default_factory=list)
     shifts: list[PairShift] = field(default_factory=list)
+    faster: list[Change] = field(default_factory=list)
+    """Configurations faster by more than the threshold, beyond noise (listed, not failing)."""
     now_failing: list[tuple[str, str]] = field(default_factory=list)
     """(configuration, reason) that ran in the baseline and fail now."""
     missing: list[str] = field(default_factory=list)
@@ -82,6 +87,7 @@ class Verdict:
         out += [f"  partner shift: {p.pair}: TTFT ratio {p.base_ratio:.3f} -> {p.now_ratio:.3f} ({p.change:+.0%}), "
                 f"{p.worse} got slower relative to its partner" for p in self.shifts]
         out += [f"  now failing: {c}: {r}" for c, r in self.now_failing]
+        out += [f"  faster: {s.config}: {s.base_ms:.4g} -> {s.now_ms:.4g} ms ({s.change:+.0%})" for s in self.faster]
         out += [f"  missing from the results: {c}" for c in self.missing]
         out += [f"  new (no baseline): {c}" for c in self.new]
         out += [f"  fixed (failed in the baseline): {c}" for c in self.fixed]
@@ -97,6 +103,11 @@ def is_slower(base: Record, now: Record, threshold: float) -> bool:
     """Median TTFT up by more than the threshold, and the repeats' ranges apart."""
     b, n = base.ttft_ms, now.ttft_ms
     return n["median"] > b["median"] * (1 + threshold) and n["min"] > b["max"]
+
+
+def is_faster(base: Record, now: Record, threshold: float) -> bool:
+    """The mirror of is_slower."""
+    return is_slower(now, base, threshold)
 
 
 def _ratio_range(a: Record, b: Record) -> tuple[float, float, float]:
@@ -133,7 +144,9 @@ def compare(results: Sequence[Record], baseline: Sequence[Record], threshold: fl
         elif _ran(n) and not _ran(b):
             v.fixed.append(name)
         elif _ran(b) and is_slower(b, n, threshold):
-            v.slower.append(Slower(name, b.ttft_ms["median"], n.ttft_ms["median"]))
+            v.slower.append(Change(name, b.ttft_ms["median"], n.ttft_ms["median"]))
+        elif _ran(b) and is_faster(b, n, threshold):
+            v.faster.append(Change(name, b.ttft_ms["median"], n.ttft_ms["median"]))
     v.new = [label(n.config, vary) for cid, n in now_by.items() if cid not in base_by]
 
     for key, (first, second) in PARTNERS.items():
@@ -147,10 +160,17 @@ def compare(results: Sequence[Record], baseline: Sequence[Record], threshold: fl
             if not all(map(_ran, (a_now, b_now, a_base, b_base))):
                 continue
             r_base, r_now = _ratio_range(a_base, b_base), _ratio_range(a_now, b_now)
-            if is_shifted(r_base, r_now, threshold):
-                at = label(a_now.config, [k for k in vary if k != key])
-                v.shifts.append(PairShift(f"{key} {first} vs {second} at {at}", r_base[1], r_now[1],
-                                          first if r_now[1] > r_base[1] else second))
+            if not is_shifted(r_base, r_now, threshold):
+                continue
+            a_worse = r_now[1] > r_base[1]
+            at = label(a_now.config, [k for k in vary if k != key])
+            shift = PairShift(f"{key} {first} vs {second} at {at}", r_base[1], r_now[1], first if a_worse else second)
+            better_base, better_now = (b_base, b_now) if a_worse else (a_base, a_now)
+            if is_faster(better_base, better_now, threshold):  # the partner improved: no regression
+                v.notes.append(f"{shift.pair}: TTFT ratio {shift.base_ratio:.3f} -> {shift.now_ratio:.3f} "
+                               f"because {second if a_worse else first} got faster")
+            else:
+                v.shifts.append(shift)
 
     hw_now, hw_base = {hardware(r) for r in now}, {hardware(r) for r in base}
     if hw_now != hw_base:

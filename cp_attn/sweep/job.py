@@ -11,6 +11,7 @@ experiments, sweeper params).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,7 +30,7 @@ JOB_CONFIG = "prefill_job"
 class SweepConfig(PrefillConfig):
     """The prefill job's fields, plus:"""
 
-    results: str = "sweep.jsonl"
+    results: str = "outputs/sweep.jsonl"
     """JSON-lines file every job appends its record to (cp_attn.sweep.records.Record)."""
     job_timeout_s: float = 600.0
     """Wall-clock limit of one job, start-up included; past it the job's processes are killed and
@@ -80,7 +81,8 @@ def job_config_yaml(run: PrefillConfig, run_dir: Path) -> str:
 def run_sweep_job(cfg: DictConfig, job_dir: str | Path, script: str | Path) -> Record:
     """Run the prefill `script` under torchrun for the configuration `cfg`, bounded by
     `job_timeout_s`; append the record to `results` and return it. A job that fails or hangs is a
-    record with runnable=false and a reason, never an exception."""
+    record with runnable=false and a reason, never an exception; one that fails after writing its
+    report is runnable, with the failure in `exit_error`."""
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     sweep, run = split_config(cfg)
@@ -93,11 +95,13 @@ def run_sweep_job(cfg: DictConfig, job_dir: str | Path, script: str | Path) -> R
     log = job_dir / "job.log"
     result = run_torchrun(run.cp.size, script, ["--config-dir", str(job_dir), "--config-name", JOB_CONFIG],
                           timeout_s=sweep.job_timeout_s, log_path=log)
-    meta = dict(machine=machine_info(), commit=git_commit(Path(script).resolve().parent), time=started,
+    machine = {**machine_info(), "load_1m": round(os.getloadavg()[0], 2)}  # how busy the machine was
+    meta = dict(machine=machine, commit=git_commit(Path(script).resolve().parent), time=started,
                 wall_s=round(result.seconds, 2), log=str(log))
     config = record_config(run)
-    if result.ok and report.is_file():
+    if report.is_file():  # written after the last timed forward and the check: the run is complete
         record = from_report(config, json.loads(report.read_text()), **meta)
+        record.exit_error = None if result.ok else result.reason
     else:
         record = Record(config, runnable=False, reason=result.reason or "the job wrote no report", **meta)
     append_record(sweep.results, record)

@@ -41,7 +41,8 @@ def describe(job_return: Any) -> str:
     if not rec.runnable:
         return f"❌ {rec.reason}"
     t = rec.ttft_ms
-    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:.4g} tok/s"
+    then = f"; then, on exit: {rec.exit_error}" if rec.exit_error else ""
+    return f"✅ {t['median']:.4g} ms ({t['min']:.4g} .. {t['max']:.4g}), {rec.tokens_per_s:,.0f} tok/s{then}"
 
 
 class SweepProgress(Callback):
@@ -58,7 +59,8 @@ class SweepProgress(Callback):
         ok = job_return.status == JobStatus.COMPLETED and job_return.return_value.runnable
         self.ran, self.failed = self.ran + ok, self.failed + (not ok)
         shown = [o for o in job_return.overrides if o.split("=")[0].lstrip("+~") not in SWEEP_FIELDS]
-        line = f"#{config.hydra.job.num} {' '.join(shown) or '(defaults)'}: {describe(job_return)}"
+        num = OmegaConf.select(config, "hydra.job.num")  # None outside a multirun
+        line = f"{'' if num is None else f'#{num} '}{' '.join(shown) or '(defaults)'}: {describe(job_return)}"
         tqdm.write(line)
         if self.bar is not None:
             self.bar.update(1)

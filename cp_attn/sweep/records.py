@@ -42,7 +42,8 @@ class Record:
     check: Optional[dict[str, float]] = None
     """{max_abs_diff, rel_l2_diff, argmax_match} against the single-process forward (check=true)."""
     machine: dict[str, Any] = field(default_factory=dict)
-    """CPU model and count, GPU name and count, torch and triton versions."""
+    """CPU model and count, GPU name and count, torch and triton versions; the 1-minute load average
+    when the job ended (`load_1m`: above the CPU count, other work shared the cores)."""
     commit: Optional[str] = None
     """`git rev-parse HEAD` of the code that ran, '+dirty' when the tree had changes."""
     time: Optional[str] = None
@@ -51,6 +52,9 @@ class Record:
     """The job's wall time, start-up included."""
     log: Optional[str] = None
     """The job's log (its ranks' stdout and stderr)."""
+    exit_error: Optional[str] = None
+    """Set when the job failed only after rank 0 had written its complete report (a rank aborting in
+    process-group teardown, say): the configuration ran and its numbers stand, the exit did not."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Record":

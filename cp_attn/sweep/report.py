@@ -154,7 +154,10 @@ def markdown_table(records: Sequence[Record]) -> str:
         cells = [_cell(fmt_value(rec.config.get(k))) for k in vary]
         if rec.runnable:
             t = rec.ttft_ms
-            cells += [str(rec.tokens), "✅", f"{t['median']:.4g}", f"{t['min']:.4g}..{t['max']:.4g}",
+            mark = "✅"
+            if rec.exit_error:
+                mark += f"[^{notes.setdefault(f'ran, then failed on exit: {rec.exit_error}', len(notes) + 1)}]"
+            cells += [str(rec.tokens), mark, f"{t['median']:.4g}", f"{t['min']:.4g}..{t['max']:.4g}",
                       f"{rec.tokens_per_s:,.0f}", _x(speedup(cp1_reference(records, rec, keys), rec))]
             cells += [_x(speedup(partner(records, rec, k, keys), rec)) for k in partners]
         else:
@@ -183,3 +186,16 @@ def machines(records: Sequence[Record]) -> list[str]:
         if line not in out:
             out.append(line)
     return out
+
+
+def load_summary(records: Sequence[Record]) -> str | None:
+    """'1-minute load average 0.8..5.2 while the jobs ran' when the records carry it."""
+    loads = [r.machine["load_1m"] for r in records if (r.machine or {}).get("load_1m") is not None]
+    return f"1-minute load average {min(loads):g}..{max(loads):g} while the jobs ran" if loads else None
+
+
+def render_markdown(records: Sequence[Record]) -> str:
+    """The table, then the machines and load it ran on: what scripts/report.py prints and
+    docs/benchmarks.md shows (scripts/bench_tables.py)."""
+    load = load_summary(records)
+    return markdown_table(records) + "\nMachine: " + "; ".join(machines(records)) + (f" ({load})" if load else "") + "\n"
