@@ -69,9 +69,8 @@ def main(argv=None) -> None:
                 emit(dict(kind="prefill_profile", model="v32_slim", **prefill.profile_prefill(model, [L], kv_dtype=kv)))
         return
     if args.compare_kv is not None:
-        model = prefill.make_model("v32_slim")
         for L in args.compare_kv or [4096]:
-            emit(dict(kind="kv_fp8_accuracy", model="v32_slim", **prefill.compare_kv_dtypes(model, [L])))
+            emit(dict(kind="kv_fp8_accuracy", model="v32_slim", **prefill.compare_kv_dtypes("v32_slim", [L])))
         return
     batches = [[L] for L in args.lengths] + ([[int(x) for x in args.mixed.split(",")]] if args.mixed else [])
     for name in args.models:
