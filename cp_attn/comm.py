@@ -223,6 +223,18 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int = 0) -> None:
+    """End a rank's process once its work is done and its output written, without the interpreter's
+    teardown: gloo's worker threads can free a finished collective's tensors while Python shuts down
+    (seen: SIGABRT, "terminate called without an active exception", after a correct result in about
+    1 of 10 two-rank CPU runs; torch keeps the process group alive past destroy_process_group)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 # ---- expert-parallel dispatch / combine (the deepep MoE backend) ---------------------------------
 
 

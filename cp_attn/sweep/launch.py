@@ -42,6 +42,8 @@ class RankFailure:
     exitcode: int
     signal: str | None = None
     """The signal's name ('SIGKILL') when the rank was killed by one."""
+    message: str | None = None
+    """The rank's own one-line reason from torchrun's error file (cp_attn.cli), when it wrote one."""
 
 
 @dataclass
@@ -168,13 +170,27 @@ def failure_reason(result: LaunchResult, timeout_s: float, log: str) -> str:
     killed = [f for f in result.failures if f.signal and f.signal != "SIGTERM"]  # SIGTERM: the agent's own
     if killed:
         return "; ".join(f"rank {f.rank} killed by {f.signal}" for f in killed)
-    exc = last_exception(log)
+    told = next((f.message for f in result.failures if f.message), None)  # a refused request's line
+    exc = told or last_exception(log)
     if exc:
         return f"OOM: {exc}" if _OOM.search(exc) else exc
     if result.failures:
         f = result.failures[0]
         return f"rank {f.rank} exited with code {f.exitcode}"
     return f"exited with code {result.returncode}"
+
+
+def _error_file_message(failure) -> str | None:
+    """The one-line reason a rank wrote into torchrun's error file (cp_attn.cli.report_reason), or
+    None when it left none (a crash, a signal) or a traceback (then the log holds the exception)."""
+    msg = failure.message  # torchrun's parse of the error file: a str, or {"message", "extraInfo"}
+    if isinstance(msg, dict):
+        if msg.get("extraInfo", {}).get("py_callstack"):  # a traceback: the log holds the exception
+            return None
+        msg = msg.get("message")
+    if not isinstance(msg, str) or not msg or "\n" in msg or msg.startswith(("To enable traceback", "Signal ")):
+        return None
+    return msg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
         failures = [
-            {"rank": rank, "exitcode": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
+            {"rank": rank, "exitcode": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None,
+             "message": _error_file_message(f)}
             for rank, f in sorted(e.failures.items())
         ]
         tmp = Path(args.failures + ".tmp")
