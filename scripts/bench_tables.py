@@ -37,8 +37,9 @@ def md(header: list[str], rows: list[list]) -> str:
 
 def kernels(path: str) -> str:
     recs = [r for r in load(path) if "ms" in r and not r["op"].endswith("_tune")]
-    rows = [[r["op"], r["backend"], r["n"], r["keys"], r["ms"], r["tflops"], f"{100 * r['tflops'] / r['peak_tflops']:.0f}%",
-             r.get("rel_l2_vs_torch", "")] for r in recs]
+    rows = [[r["op"], r["backend"], r["n"], r["keys"], r["ms"], r["tflops"] or "",
+             f"{100 * r['tflops'] / r['peak_tflops']:.0f}%" if r["tflops"] else "", r.get("rel_l2_vs_torch", "")]
+            for r in recs]
     head = recs[0] if recs else {}
     note = (f"\n\n{head.get('gpu')}, torch {head.get('torch')}, triton {head.get('triton')}, commit {head.get('commit')}; "
             f"ceilings measured in the same run: bf16 {head.get('peak_bf16_tflops', 0):.0f}, fp8 {head.get('peak_fp8_tflops', 0):.0f} TFLOP/s.")
@@ -73,9 +74,32 @@ def prefill(path: str) -> str:
 
 def kv_accuracy(path: str) -> str:
     recs = [r for r in load(path) if r.get("kind") == "kv_fp8_accuracy"]
-    rows = [[r["model"], _lens(r["lengths"]), r["kernels"], r["logits_rel_l2"], f"{100 * r['argmax_agreement']:.1f}%",
-             ", ".join(f"{100 * v:.1f}%" for v in r["topk_overlap"].values())] for r in recs]
-    return md(["model", "tokens", "kernels", "logits rel L2", "argmax agreement", "top-k overlap per layer"], rows)
+    rows = []
+    for r in recs:
+        for what, m in (("fp8 vs bf16 KV", r), ("fp8 KV vs fp32 model", r.get("fp8_vs_fp32")),
+                        ("bf16 KV vs fp32 model", r.get("bf16_vs_fp32"))):
+            if m:
+                rows.append([r["model"], _lens(r["lengths"]), what, m["logits_rel_l2"], f"{100 * m['argmax_agreement']:.1f}%",
+                             ", ".join(f"{100 * v:.1f}%" for v in m["topk_overlap"].values())])
+    return md(["model", "tokens", "compared", "logits rel L2", "argmax agreement", "top-k overlap per layer"], rows)
+
+
+def chunked(path: str) -> str:
+    recs = [r for r in load(path) if r.get("kind") == "prefill_chunked_1gpu"]
+    rows = [[r["model"], r["length"], r["chunk_size"], r["kernels"], r["kv_dtype"], r["one_shot_ttft_ms"], r["chunked_ttft_ms"],
+             f"{100 * (r['chunking_cost'] - 1):+.1f}%", " / ".join(f"{x:.0f}" for x in r["chunk_ms"]),
+             r["one_shot_peak_mem_gib"], r["chunked_peak_mem_gib"], r["cache_gib"]] for r in recs]
+    return md(["model", "tokens", "chunk", "kernels", "kv", "one-shot TTFT ms", "chunked TTFT ms", "cost",
+               "per-chunk ms", "one-shot peak GiB", "chunked peak GiB", "cache GiB"], rows)
+
+
+def profile(path: str) -> str:
+    out = []
+    for r in (r for r in load(path) if r.get("kind") == "prefill_profile"):
+        rows = [[k["name"][:70].replace("|", "/"), k["ms"], k["calls"], f"{100 * k['share']:.1f}%"] for k in r["top_kernels"][:12]]
+        out.append(f"**{_lens(r['lengths'])} tokens, kernels={r['kernels']}, kv_dtype={r['kv_dtype']}: "
+                   f"{r['gpu_ms_total']:.0f} ms of GPU time**\n\n" + md(["kernel", "ms", "calls", "share"], rows))
+    return "\n\n".join(out)
 
 
 def moe(path: str) -> str:
@@ -97,7 +121,8 @@ def _lens(lengths: list[int]) -> str:
     return str(lengths[0]) if len(lengths) == 1 else f"{sum(lengths)} ({len(lengths)} seqs)"
 
 
-RENDER = {"kernels": kernels, "tune": tune, "prefill": prefill, "kv_accuracy": kv_accuracy, "moe": moe, "sweep": sweep}
+RENDER = {"kernels": kernels, "tune": tune, "prefill": prefill, "kv_accuracy": kv_accuracy, "moe": moe, "sweep": sweep,
+          "chunked": chunked, "profile": profile}
 MARK = re.compile(r"<!-- table:(\w+) (\S+) -->\n.*?<!-- /table:\1 -->", re.S)
 
 

@@ -12,6 +12,9 @@ import torch
 
 
 def git_commit() -> str:
+    """CP_ATTN_COMMIT when set (a copied work tree's .git may be older than its files), else git's HEAD."""
+    if os.environ.get("CP_ATTN_COMMIT"):
+        return os.environ["CP_ATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()

@@ -76,6 +76,57 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor, num_keys: int, chunk: int = 1
     return hit / max(total, 1)
 
 
+def time_chunked_prefill(model, length: int, chunk_size: int, kernels: str = "triton", kv_dtype: str = "auto",
+                         moe_backend: str = "fused") -> dict:
+    """One prompt of `length` tokens prefilled in one shot and in chunks of `chunk_size` over a KV cache:
+    TTFT of each (one shot: the forward; chunked: until its last chunk is done, cp_attn.parallel.chunked),
+    every chunk's time, peak memory (total and above what was allocated before: the weights), and the
+    cost of chunking (chunked TTFT / one-shot TTFT). Each is warmed up once (kernel compilation at these
+    shapes), then timed once. An OOM is recorded, not raised: running where one shot cannot is the point
+    of chunking. Runs on the model's device; peak memory only on CUDA."""
+    ids = random_prompts([length], model.cfg.vocab_size, seed=1)
+    kset = get_kernels(kernels)
+    device = model.embed_tokens.weight.device
+    cuda = device.type == "cuda"
+    runs = {
+        "one_shot": lambda: cp_prefill(model, Comm.single(), ids, "in_seq", moe_backend, kernels=kset,
+                                       kv_dtype=kv_dtype),
+        # drop each chunk's hidden states, as a server does (it keeps only the KV cache)
+        "chunked": lambda: chunked_prefill(model, Comm.single(), ids, "in_seq", moe_backend, chunk_size,
+                                           kernels=kset, kv_dtype=kv_dtype, keep_hidden=False),
+    }
+    rec = {"length": length, "chunk_size": chunk_size, "chunks": -(-length // chunk_size), "kernels": kernels,
+           "kernel_stages": dict(kset.choice), "kv_dtype": kv_dtype, "moe_backend": moe_backend}
+    for name, run in runs.items():
+        try:
+            run()
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            out = run()
+            if cuda:
+                torch.cuda.synchronize(device)
+            rec[f"{name}_ttft_ms"] = (time.perf_counter() - t0) * 1e3
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device)
+                rec[f"{name}_peak_mem_gib"] = peak / 2**30
+                rec[f"{name}_peak_above_weights_gib"] = (peak - base) / 2**30
+            if name == "chunked":
+                rec["chunk_ms"] = [t * 1e3 for t in out.chunk_s]
+                rec["cache_gib"] = out.cache.nbytes / 2**30
+            del out
+        except torch.OutOfMemoryError as e:
+            rec[f"{name}_error"] = f"OOM: {str(e)[:120]}"
+        if cuda:
+            torch.cuda.empty_cache()
+    if "one_shot_ttft_ms" in rec and "chunked_ttft_ms" in rec:
+        rec["chunking_cost"] = rec["chunked_ttft_ms"] / rec["one_shot_ttft_ms"]
+    return rec
+
+
 def compare_kv_dtypes(name: str, lengths: list[int], kernels: str = "triton", chunk: int = 2048) -> dict:
     """FP8 KV against bf16 KV on the same bf16 model and kernels, each also against the fp32 model
     (torch kernels, fp32 KV) as the scale of plain bf16 rounding: logits relative L2, argmax
