@@ -17,6 +17,8 @@ from cp_attn.ops.kv_fp8 import mla_fp8_width, pack_mla_kv, unpack_mla_kv
 triton = pytest.importorskip("triton")
 from cp_attn.ops import sparse_mla_triton as smt  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # small shapes: compiled on a GPU, interpreted on CPU
+
 # fp32 under the interpreter: both sides do fp32 math in another summation order.
 FP32_ATOL = 1e-5
 # fp16 operands, fp32 accumulation, P rounded to fp16 before PV (10-bit mantissa: 5e-4 relative).
@@ -59,9 +61,9 @@ def _topk_layout(n: int, T: int, K: int, g: torch.Generator) -> torch.Tensor:
 def test_matches_torch_op(case, dtype, layout):
     n, H, d_v, rope, T, K = CASES[case]
     g = torch.Generator().manual_seed(hash((case, layout)) % 2**31)
-    q = torch.randn((n, H, d_v + rope), generator=g).to(dtype)
-    kv = torch.randn((T, d_v + rope), generator=g).to(dtype)
-    idx = (_rand_indices if layout == "random" else _topk_layout)(n, T, K, g)
+    q = torch.randn((n, H, d_v + rope), generator=g).to(dtype).to(DEVICE)
+    kv = torch.randn((T, d_v + rope), generator=g).to(dtype).to(DEVICE)
+    idx = (_rand_indices if layout == "random" else _topk_layout)(n, T, K, g).to(DEVICE)
     out, lse = smt.sparse_mla(q, kv, idx, 0.3, d_v)
     want, want_lse = naive.sparse_mla(q, kv, idx, 0.3, d_v)
     atol = FP32_ATOL if dtype == torch.float32 else FP16_ATOL
@@ -75,10 +77,10 @@ def test_matches_torch_op(case, dtype, layout):
 def test_fp8_kv_matches_torch_op_on_same_bytes():
     g = torch.Generator().manual_seed(3)
     n, H, d_v, rope, T, K = 5, 4, 32, 8, 40, 8
-    q = torch.randn((n, H, d_v + rope), generator=g)
-    packed = pack_mla_kv(torch.randn((T, d_v + rope), generator=g), d_v)
+    q = torch.randn((n, H, d_v + rope), generator=g).to(DEVICE)
+    packed = pack_mla_kv(torch.randn((T, d_v + rope), generator=g), d_v).to(DEVICE)
     assert packed.dtype == torch.uint8 and packed.shape == (T, mla_fp8_width(d_v, rope))
-    idx = _rand_indices(n, T, K, g)
+    idx = _rand_indices(n, T, K, g).to(DEVICE)
     out, lse = smt.sparse_mla(q, packed, idx, 0.3, d_v)
     want, want_lse = naive.sparse_mla(q, unpack_mla_kv(packed, d_v, torch.float32), idx, 0.3, d_v)
     torch.testing.assert_close(out, want, atol=FP32_ATOL, rtol=0)
@@ -89,16 +91,16 @@ def test_fp8_kv_matches_torch_op_on_same_bytes():
 def test_dequant_kernel_equals_unpack(kv_lora, rope):
     x = torch.randn((9, kv_lora + rope), generator=torch.Generator().manual_seed(kv_lora)) * 30
     packed = pack_mla_kv(x, kv_lora)
-    got = smt.dequant_mla_kv(packed, kv_lora, rope, torch.float32)
+    got = smt.dequant_mla_kv(packed.to(DEVICE), kv_lora, rope, torch.float32).cpu()
     torch.testing.assert_close(got, unpack_mla_kv(packed, kv_lora, torch.float32), atol=0, rtol=0)
 
 
 def test_empty_inputs():
-    q = torch.randn((0, 4, 40))
-    out, lse = smt.sparse_mla(q, torch.randn((5, 40)), torch.zeros((0, 8), dtype=torch.int32), 0.3, 32)
+    q = torch.randn((0, 4, 40), device=DEVICE)
+    out, lse = smt.sparse_mla(q, torch.randn((5, 40), device=DEVICE), torch.zeros((0, 8), dtype=torch.int32, device=DEVICE), 0.3, 32)
     assert out.shape == (0, 4, 32) and lse.shape == (0, 4)
-    q = torch.randn((2, 4, 40))
-    out, lse = smt.sparse_mla(q, torch.randn((0, 40)), torch.full((2, 8), -1, dtype=torch.int32), 0.3, 32)
+    q = torch.randn((2, 4, 40), device=DEVICE)
+    out, lse = smt.sparse_mla(q, torch.randn((0, 40), device=DEVICE), torch.full((2, 8), -1, dtype=torch.int32, device=DEVICE), 0.3, 32)
     assert (out == 0).all() and (lse == float("-inf")).all()
 
 
