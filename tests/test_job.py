@@ -273,3 +273,18 @@ def test_model_v32_needs_a_checkpoint():
     assert _compose(["model=v32", "model.checkpoint=/ckpt/v32"]).model.preset == "v32"
     with pytest.raises(ValueError, match=r"model\.checkpoint must be set"):
         _compose(["model=v32"])  # random weights at the full size would be about 1.3 TB
+
+
+@pytest.mark.multiproc
+def test_triton_kernels_with_fp8_kv_under_cp_check_against_one_process():
+    """kernels=triton kv_dtype=fp8 check=true on 2 gloo ranks (Triton interpreted on CPU): the job's own
+    check, CP against the single-process run with the same kernels and KV, holds to CP_ATOL."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    cfg = _compose(["kernels=triton", "kv_dtype=fp8", "check=true", "cp=round_robin", "moe=deepep",
+                    "input.lengths=[23,9,2]"])
+    rank0, _ = run_ranks(_jobs_worker, 2, [cfg], timeout=240)
+    report = rank0[0]
+    assert report["kernel_stages"] == {"indexer_logits": "triton", "topk_indices": "triton", "sparse_mla": "triton"}
+    assert report["kv_dtype"] == "fp8" and report["max_abs_diff"] < CP_ATOL and report["argmax_match"] == 1.0

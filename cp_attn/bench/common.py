@@ -65,14 +65,6 @@ def matmul_peak_tflops(dtype: str = "bf16", size: int = 8192) -> float:
     return 2 * size**3 / ms / 1e9
 
 
-def copy_peak_gbs(nbytes: int = 2**31) -> float:
-    """Device-to-device copy bandwidth, bytes read plus written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * nbytes / ms / 1e6
-
-
 def write_records(path: str | os.PathLike, records: list[dict]) -> None:
     """JSON array, written to a temporary name and renamed (a failed run leaves nothing half-written)."""
     path = Path(path)
