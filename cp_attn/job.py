@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cp_attn.atomic import atomic_path, write_text
 from cp_attn.comm import Comm
 from cp_attn.inputs import load_prompts, random_prompts
 from cp_attn.layout import canonical_mode, plan_split
@@ -40,15 +41,10 @@ def rank_rows(out, cp_size: int, mode: str) -> list[int]:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a hidden name beside `path`, renamed once complete: a failed or killed run
-    leaves no half-written file under the name the user asked for."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """torch.save under a temporary name, renamed once complete (cp_attn.atomic): a failed or killed
+    run leaves no half-written file under the name the user asked for."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
@@ -165,9 +161,5 @@ def run_job(cfg: PrefillConfig, comm: Comm) -> dict:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as JSON under a temporary name and rename it: readers see all of it or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    """Write `obj` as JSON, all of it or nothing (cp_attn.atomic)."""
+    write_text(path, json.dumps(obj) + "\n")

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.multiprocessing as mp
 
+from cp_attn.atomic import write_bytes
+
 PG_TIMEOUT_S = 60.0  # bounds every collective inside a rank; `timeout` bounds the whole run
 GRACE_S = 2.0  # after one rank fails, how long the others get to finish before they are killed
 
@@ -46,12 +48,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # the parent never sees a half-written file
-
-
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, backend: str) -> None:
     from cp_attn.comm import destroy_distributed, exit_process, init_distributed
 
@@ -62,9 +58,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable
     try:
         comm = init_distributed(backend, timeout_s=PG_TIMEOUT_S)
         result = fn(comm, *args)
-        _write(out / f"{rank}.pkl", pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        write_bytes(out / f"{rank}.pkl", pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     except BaseException:
-        _write(out / f"{rank}.err", traceback.format_exc().encode())
+        write_bytes(out / f"{rank}.err", traceback.format_exc().encode())
         failed = True
     else:
         failed = False

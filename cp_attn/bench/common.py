@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cp_attn.atomic import write_text
+
 
 def git_commit() -> str:
     """CP_ATTN_COMMIT when set (a copied work tree's .git may be older than its files), else git's HEAD."""
@@ -67,11 +69,7 @@ def matmul_peak_tflops(dtype: str = "bf16", size: int = 8192) -> float:
 
 def write_records(path: str | os.PathLike, records: list[dict]) -> None:
     """JSON array, written to a temporary name and renamed (a failed run leaves nothing half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(records, indent=1) + "\n")
 
 
 def print_table(records: list[dict], cols: tuple[str, ...]) -> None:

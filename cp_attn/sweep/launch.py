@@ -29,6 +29,8 @@ from typing import Sequence
 
 import psutil
 
+from cp_attn.atomic import write_text
+
 POLL_S = 0.1
 """How often the parent looks at the job's process tree (every process it ever saw is killed at the end)."""
 
@@ -212,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "message": _error_file_message(f)}
             for rank, f in sorted(e.failures.items())
         ]
-        tmp = Path(args.failures + ".tmp")
-        tmp.write_text(json.dumps({"failures": failures}))
-        os.replace(tmp, args.failures)
+        write_text(args.failures, json.dumps({"failures": failures}))
         print(f"torchrun job failed: {failures}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from cp_attn.atomic import write_text
+
 
 @dataclass
 class Record:
@@ -142,10 +144,7 @@ def scaled(record: Record, factor: float) -> Record:
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
     """A whole results file at once (under a temporary name, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
 # ---- where it ran -------------------------------------------------------------------------------
