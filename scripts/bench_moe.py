@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from cp_attn.bench.common import machine
 from cp_attn.config import ModelConfig, preset
 from cp_attn.flops import layer_flops
 from cp_attn.model.moe import MoE, moe_local
@@ -130,14 +130,6 @@ def bench_layer(bench, moe: MoE, cfg: ModelConfig, n_tokens: int) -> tuple[dict[
     return ms, layer_flops(cfg, cfg.first_k_dense_replace, [n_tokens])["moe"]  # the first MoE layer
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file for the records")
@@ -149,15 +141,8 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     bench = timer()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     peak = peak_tflops(bench, device)
-    meta = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": commit()}
+    meta = {k: v for k, v in machine().items() if k in ("gpu", "torch", "triton", "commit")}
     records = []
 
     def add(op: str, rows: int, experts: int, ms: dict[str, float], flops: float) -> None:

@@ -13,11 +13,9 @@ Triton ops take all n rows in one call. Top-k is timed on logits from the Triton
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import torch
 
+from cp_attn.bench.common import bench_ms, machine
 from cp_attn.ops import naive
 from cp_attn.ops.kv_fp8 import quantize_index_k, quantize_index_q
 
@@ -49,22 +47,12 @@ def inputs(n: int, T: int, dtype: str, seed: int = 0, device: str = "cuda"):
 
 
 def environment() -> dict:
-    """What the numbers ran on: GPU, torch and triton versions, the commit."""
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": commit}
+    """What the numbers ran on: GPU, torch and triton versions, the commit (cp_attn.bench.common)."""
+    return machine()
 
 
 def _median_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return bench_ms(fn, rep=200)
 
 
 def _chunked(fn, n: int):
